@@ -1,0 +1,70 @@
+# Two entry points, both idempotent on a fresh Debian 12 machine as root:
+#   make demo   set up what is needed, then run the main job
+#   make test   set up what is needed, then run the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+REMED := $(VENV)/bin/remed
+PYTEST_ARGS ?= -m "not vm and not slow"
+
+APT_PACKAGES := debootstrap systemd-container libvirt-daemon-system libvirt-dev pkg-config \
+	qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables openssh-client dnsmasq-base \
+	python3-venv python3-dev gcc
+
+.PHONY: demo test setup system-packages daemons image clean-sandboxes help
+help:
+	@echo "make demo   set up, build the guest image, run the demo on a local sandbox"
+	@echo "make test   set up, build the guest image, run the tests (PYTEST_ARGS to choose)"
+
+setup: system-packages daemons $(VENV)/.installed
+
+# apt only when something is missing, so a second run costs a few dpkg queries.
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# libvirtd and virtlogd: through systemd where it is PID 1, started directly elsewhere.
+daemons: system-packages
+	@if ! virsh -c qemu:///system uri >/dev/null 2>&1; then \
+	  if [ -d /run/systemd/system ]; then systemctl start libvirtd virtlogd; \
+	  else pgrep -x virtlogd >/dev/null || virtlogd -d; pgrep -x libvirtd >/dev/null || libvirtd -d; fi; \
+	  for i in $$(seq 50); do virsh -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.2; done; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-packages
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	@$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+image: setup
+	@$(REMED) image build
+
+demo: image
+	@$(REMED) doctor
+	@bash -c 'set -euo pipefail; name=demo-$$$$; \
+	  trap "$(REMED) sandbox down $$name >/dev/null 2>&1 || true" EXIT; \
+	  echo "+ remed sandbox up --backend nspawn --nodes 2 --name $$name"; \
+	  $(REMED) sandbox up --backend nspawn --nodes 2 --name $$name; \
+	  for i in 0 1; do \
+	    echo "+ remed sandbox exec $$name --node $$i -- sh -c \"hostname; hostname -I; systemctl is-system-running\""; \
+	    $(REMED) sandbox exec $$name --node $$i -- sh -c "hostname; hostname -I; systemctl is-system-running"; \
+	  done; \
+	  echo "+ remed sandbox exec $$name -- touch /root/changed; remed sandbox reset $$name"; \
+	  $(REMED) sandbox exec $$name -- touch /root/changed; \
+	  $(REMED) sandbox reset $$name; \
+	  echo "+ remed sandbox exec $$name -- ls /root/changed   (gone after the reset)"; \
+	  $(REMED) sandbox exec $$name -- ls /root/changed || true; \
+	  echo "+ remed sandbox down $$name"; \
+	  $(REMED) sandbox down $$name; trap - EXIT; \
+	  echo "+ remed sandbox ls"; $(REMED) sandbox ls'
+
+test: image
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean-sandboxes: setup
+	@$(REMED) sandbox gc

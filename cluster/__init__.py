@@ -1,0 +1,1 @@
+"""Ray fleet: per-host actors that own sandboxes, scheduling, experience collection (next stage)."""

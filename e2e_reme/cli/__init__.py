@@ -1,0 +1,35 @@
+"""`remed`: the one command-line interface. Each command group lives in a module of its
+own here and is only a thin layer over the stage packages."""
+
+from __future__ import annotations
+
+import signal
+import typer
+
+from ._common import console, err_console, run_cli
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="E2E-REME: real sandboxes, real faults, verified remediation playbooks.")
+
+
+def _register() -> None:
+    from . import doctor, image, sandbox
+    app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
+    app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
+    app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
+
+
+_register()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so `finally` blocks clean up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_cli(app)
+
+
+__all__ = ["app", "main", "console", "err_console"]

@@ -1,0 +1,1 @@
+"""Ray Serve application: remediation and OpenAI-compatible endpoints (next stage)."""

@@ -1,0 +1,3 @@
+"""Sandbox backends. Importing this package registers them; each is one file."""
+
+from . import libvirt, nspawn  # noqa: F401

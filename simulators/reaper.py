@@ -1,0 +1,48 @@
+"""`python -m e2e_reme.simulators.reaper NAME OWNER_PID OWNER_START`
+
+Started (detached) next to every sandbox owned by a process. It waits for the owner to
+exit; if the sandbox's record still names that owner then, the owner died without
+stopping it (SIGKILL, a crash), and the reaper destroys it. It exits by itself as soon as
+the record is gone (a normal stop also signals it).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+
+from e2e_reme.host import process_alive
+
+
+def main(name: str, owner_pid: int, owner_start: int) -> int:
+    from . import state
+    from .errors import SandboxNotFound
+    from .sandbox import attach
+
+    try:
+        fd = os.pidfd_open(owner_pid)
+    except OSError:
+        fd = None  # already gone
+    while True:
+        if fd is not None:
+            ready, _, _ = select.select([fd], [], [], 2.0)
+            owner_gone = bool(ready) or not process_alive(owner_pid, owner_start)
+        else:
+            owner_gone = True
+        try:
+            rec = state.load(name)
+        except SandboxNotFound:
+            return 0
+        if rec.owner_pid != owner_pid:
+            return 0
+        if owner_gone:
+            print(f"{time.strftime('%H:%M:%S')} owner {owner_pid} of sandbox {name} died; destroying it",
+                  flush=True)
+            attach(name).stop()
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests drive the real thing: real containers, real SSH, real Ansible.
+
+Every sandbox a test makes is named `pt-...`; at the end of the session the suite fails
+if any of them (or any container, bridge or mount of theirs) is still there."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from e2e_reme.simulators import list_sandboxes
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The guest image, built if this host has none yet (make test builds it first)."""
+    from e2e_reme.vm_images import build_image, find_image
+    if os.geteuid() != 0:
+        pytest.skip("building and booting the image needs root")
+    return find_image() or build_image()
+
+
+@pytest.fixture
+def sb_name():
+    return f"pt-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_sandboxes():
+    before = {r.name for r in list_sandboxes()}
+    yield
+    leaked = [r.name for r in list_sandboxes() if r.name.startswith("pt-") and r.name not in before]
+    assert not leaked, f"tests leaked sandboxes: {leaked} (run `remed sandbox gc`)"
