@@ -34,3 +34,24 @@ class SandboxNotReady(SandboxError):
 
 class NodeUnreachable(SandboxError):
     """An SSH connection to a running node failed."""
+
+
+class SystemSpecError(SandboxError, ValueError):
+    """A system spec that cannot be used: the message gives the file, the line and the
+    reason (one line per problem); `problems` holds them as (line, reason) pairs."""
+
+    def __init__(self, message: str, problems: list[tuple[int | None, str]] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class UnknownSystem(SystemSpecError):
+    """A system name that is not in the catalog; the message lists the catalog."""
+
+
+class DeployError(SandboxError):
+    """Deploying a system into a sandbox failed; the message says which step and where to look."""
+
+
+class NotDeployed(DeployError):
+    """A sandbox with no system deployed in it."""

@@ -42,7 +42,7 @@ import yaml
 from e2e_reme.vm_images import Image, require_image
 
 from . import state
-from .errors import HostNotCapable, NodeUnreachable, SandboxNotReady, UnknownBackend
+from .errors import HostNotCapable, NodeUnreachable, SandboxError, SandboxNotReady, UnknownBackend
 from .state import NodeRecord, SandboxRecord
 
 
@@ -130,6 +130,10 @@ class Sandbox(ABC):
     def _reset_nodes(self) -> None:
         """Bring every node back to the image's state (do not wait for sshd)."""
 
+    def _checkpoint_nodes(self) -> None:
+        """Make the current state of every node the one `_reset_nodes` returns to."""
+        raise SandboxError(f"the {self.backend} backend cannot take checkpoints")
+
     @classmethod
     @abstractmethod
     def destroy(cls, record: SandboxRecord) -> None:
@@ -176,8 +180,12 @@ class Sandbox(ABC):
         timeout = timeout or self.config.ready_timeout_s or self.default_ready_timeout_s
         t0 = time.monotonic()
 
+        given_up = threading.Event()   # set when the caller stops waiting (error, Ctrl-C)
+
         def one(node: NodeRecord) -> None:
             while not self._ssh_works(node.index):
+                if given_up.is_set():
+                    return
                 why = self.node_failed(node.index)
                 if why:
                     raise SandboxNotReady(f"sandbox {self.name}: node {node.name} ({node.ip}) "
@@ -190,10 +198,14 @@ class Sandbox(ABC):
 
         if len(self.nodes) == 1:
             one(self.nodes[0])
-        else:
-            with ThreadPoolExecutor(len(self.nodes)) as pool:
-                for fut in [pool.submit(one, n) for n in self.nodes]:
-                    fut.result()
+            return time.monotonic() - t0
+        pool = ThreadPoolExecutor(len(self.nodes))
+        try:
+            for fut in [pool.submit(one, n) for n in self.nodes]:
+                fut.result()
+        finally:
+            given_up.set()
+            pool.shutdown(wait=False, cancel_futures=True)
         return time.monotonic() - t0
 
     def reset(self, wait: bool = True) -> None:
@@ -202,6 +214,15 @@ class Sandbox(ABC):
         self._reset_nodes()
         if wait:
             self.wait_ready()
+
+    def checkpoint(self) -> None:
+        """From now on, `reset()` returns here instead of to the bare image: take it once a
+        system is deployed and healthy, and every episode starts from that deployment
+        without deploying again. Running services must survive a restart of the node
+        (enabled units, data on disk), as they would on a real host."""
+        self._close_ssh()
+        self._checkpoint_nodes()
+        self.wait_ready()
 
     def stop(self) -> None:
         """Destroy the sandbox: nodes, disks or overlays, network, record. Idempotent."""

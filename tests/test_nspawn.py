@@ -209,3 +209,17 @@ def test_gc_never_touches_what_is_not_ours(image, tmp_path):
         assert "rmbrx-foreign" in _links()
     finally:
         subprocess.run(["ip", "link", "del", "rmbrx-foreign"])
+
+
+def test_reset_returns_to_a_checkpoint_once_one_is_taken(image, sb_name):
+    with create_sandbox("nspawn", nodes=2, name=sb_name) as sandbox:
+        sandbox.exec("echo deployed > /root/app && systemctl enable --now redis-server", node=1)
+        sandbox.exec("redis-cli set seed 42 && redis-cli save", node=1)
+        sandbox.checkpoint()
+        sandbox.exec("echo broken > /root/app && rm -rf /etc/ssh/moduli && redis-cli set seed 0", node=1)
+        sandbox.exec("touch /root/after-checkpoint", node=0)
+        sandbox.reset()
+        assert sandbox.exec("cat /root/app", node=1).stdout == "deployed\n"
+        assert sandbox.exec("test -e /etc/ssh/moduli", node=1).ok
+        assert sandbox.exec("redis-cli get seed", node=1).stdout.strip() == "42"
+        assert sandbox.exec("test -e /root/after-checkpoint", node=0).rc == 1

@@ -458,6 +458,21 @@ class LibvirtSandbox(Sandbox):
         finally:
             chan.close()
 
+    def _checkpoint_nodes(self) -> None:
+        """Replace each node's reset point with a snapshot of its current state."""
+        with _connect() as conn:
+            for node in self.nodes:
+                if node.extra.get("ready_point"):
+                    try:
+                        dom = conn.lookupByName(node.extra["domain"])
+                        dom.snapshotLookupByName(SNAPSHOT).delete(0)
+                    except LibvirtError as e:
+                        if not _is_missing(e):
+                            raise SandboxError(f"sandbox {self.name}: cannot drop the old reset "
+                                               f"point of node {node.name}: {e.get_error_message()}") from e
+                    node.extra.pop("ready_point", None)
+        self._take_ready_points([n.index for n in self.nodes])
+
     def _take_ready_points(self, indexes: list[int]) -> None:
         for i in indexes:
             self._prepare_guest(i)

@@ -1,0 +1,264 @@
+"""The verifier: did the remediation really restore the system, and only by fixing it?
+
+Its verdict is the benchmark's score and the reinforcement-learning reward, so it must be
+hard to fool. Before injection it records a **baseline** of the healthy deployment; after
+a remediation a verdict is a success only if ALL of these hold, each with its evidence:
+
+    fault_gone      the injected fault's ground truth, read from the sandbox, is gone
+    services        the target and every other service: unit active, listening, /health
+                    200 from *our* runtime (same identity as at baseline)
+    integrity       nothing was replaced or bent: the same executable, command line, code
+                    and (parsed) configuration as at baseline, the listening socket owned
+                    by the unit's own process; no node rebooted; sshd running
+    seed_data       the data written at deploy time is intact
+    slo             the end-to-end SLO holds under the standard load for a window
+
+Why these close the known loopholes: doing nothing leaves the fault (fault_gone);
+disabling or killing the target leaves it inactive (services); a stub answering /health
+does not own the unit's socket or has another command line (integrity); deleting data and
+restarting fails seed_data; cutting the target out of the call graph changes the parsed
+config (integrity); blocking the load fails slo.
+
+It also reports a **disruption** score: restarts of services during the remediation and,
+when a background probe ran while the playbook executed, the downtime it saw.
+
+A verdict that could not be reached (the sandbox does not answer) has `judged=False`: an
+infrastructure problem, never a policy failure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+from .probe import probe_all
+from .sandbox import Sandbox
+from .systems.target import ServiceTarget
+
+
+class _Fault(Protocol):
+    name: str
+
+    def is_active(self, sb: Sandbox) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    evidence: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    success: bool
+    judged: bool
+    checks: tuple[Check, ...]
+    disruption: dict
+    duration_s: float
+    reason: str = ""   # one line: why not a success (the first failed check), or why not judged
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The healthy deployment as the verifier will compare it later."""
+
+    taken_at: float
+    nodes: dict[int, dict]            # probe output per node
+    health: dict[str, dict]           # service -> {"status", "identity"}
+    seed: dict                        # service-independent: what seed checks found
+    load: dict | None                 # the load result at baseline (for the record)
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return path
+
+    @classmethod
+    def load_from(cls, path: Path) -> "Baseline":
+        data = json.loads(path.read_text())
+        data["nodes"] = {int(k): v for k, v in data["nodes"].items()}
+        return cls(**data)
+
+
+# ---- the facts ----------------------------------------------------------------------------
+
+def _health(t: ServiceTarget, timeout: float = 3.0) -> dict:
+    """One health call from the host. Redis answers PING instead of HTTP."""
+    t0 = time.monotonic()
+    if t.kind == "redis" or not t.health_path:
+        import socket
+        try:
+            with socket.create_connection((t.host, t.port), timeout=timeout) as s:
+                s.sendall(b"PING\r\n")
+                s.settimeout(timeout)
+                ok = s.recv(64).startswith(b"+PONG")
+            return {"status": 200 if ok else 503, "identity": "redis", "ms": _ms(t0)}
+        except OSError as e:
+            return {"status": 0, "error": str(e), "ms": _ms(t0)}
+    try:
+        with urllib.request.urlopen(t.url + t.health_path, timeout=timeout) as r:
+            body = r.read(4096)
+            status = r.status
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "error": str(e), "ms": _ms(t0)}
+    except (OSError, ValueError) as e:
+        return {"status": 0, "error": str(e), "ms": _ms(t0)}
+    try:
+        data = json.loads(body)
+        identity = {k: data.get(k) for k in ("service", "token", "system") if k in data}
+    except ValueError:
+        identity = {"raw": body[:200].decode(errors="replace")}
+    return {"status": status, "identity": identity, "ms": _ms(t0)}
+
+
+def _ms(t0: float) -> float:
+    return round((time.monotonic() - t0) * 1000, 1)
+
+
+def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=None, load_check=None) -> Baseline:
+    """Record the healthy deployment. Take it after deploy is confirmed healthy (and after
+    any checkpoint): taken too early it guards nothing."""
+    targets: dict[str, ServiceTarget] = deployment.targets
+    nodes = probe_all(sb, targets)
+    missing = [i for i, facts in nodes.items() if facts is None]
+    if missing:
+        raise RuntimeError(f"sandbox {sb.name}: nodes {missing} did not answer the baseline probe")
+    health = {name: _health(t) for name, t in targets.items()}
+    sick = {n: h for n, h in health.items() if h["status"] != 200}
+    if sick:
+        raise RuntimeError(f"sandbox {sb.name}: not healthy at baseline: {sorted(sick)}; "
+                           "deploy first and wait for health")
+    seed = seed_check(sb, deployment) if seed_check else {}
+    load = load_check(sb, deployment) if load_check else None
+    return Baseline(time.time(), nodes, health, seed, load)
+
+
+def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_Fault] = (), *,
+           seed_check=None, load_check=None, probe_downtime: dict | None = None,
+           before: dict[int, dict] | None = None) -> Verdict:
+    """Judge the sandbox now against the baseline. `seed_check(sb, deployment)` and
+    `load_check(sb, deployment)` return {"ok": bool, ...evidence}; `probe_downtime` is
+    what a background probe saw during the remediation, if one ran; `before` is
+    `probe_all()` taken just before the remediation, so that disruption counts only what
+    the remediation did (the fault itself may have restarted a service)."""
+    t0 = time.monotonic()
+    targets: dict[str, ServiceTarget] = deployment.targets
+    nodes = probe_all(sb, targets)
+    if any(facts is None for facts in nodes.values()):
+        dead = [sb.nodes[i].name for i, f in nodes.items() if f is None]
+        return Verdict(False, False, (), {}, round(time.monotonic() - t0, 3),
+                       reason=f"nodes {dead} did not answer: cannot judge")
+    checks = [
+        _check_faults(sb, faults),
+        _check_services(targets, nodes, baseline),
+        _check_integrity(targets, nodes, baseline),
+    ]
+    if seed_check:
+        res = seed_check(sb, deployment)
+        checks.append(Check("seed_data", bool(res.get("ok")),
+                            "seed data intact" if res.get("ok") else f"seed data changed: {res.get('detail', '')}",
+                            res))
+    if load_check:
+        # Load only makes sense on a system that is up; a failed service check already decides.
+        res = load_check(sb, deployment)
+        checks.append(Check("slo", bool(res.get("ok")), res.get("detail", ""), res))
+    disruption = _disruption(targets, nodes, before or baseline.nodes, probe_downtime)
+    failed = [c for c in checks if not c.passed]
+    return Verdict(not failed, True, tuple(checks), disruption, round(time.monotonic() - t0, 3),
+                   reason=f"{failed[0].name}: {failed[0].detail}" if failed else "")
+
+
+# ---- the checks ---------------------------------------------------------------------------
+
+def _check_faults(sb: Sandbox, faults: Iterable[_Fault]) -> Check:
+    active = {}
+    for f in faults:
+        try:
+            active[f.name] = bool(f.is_active(sb))
+        except Exception as e:  # a ground truth we cannot read is not a fix
+            active[f.name] = f"unknown: {e}"
+    still = [n for n, a in active.items() if a is not False]
+    return Check("fault_gone", not still,
+                 "the injected fault is gone" if not still else f"still active: {', '.join(still)}",
+                 {"active": active})
+
+
+def _check_services(targets: dict[str, ServiceTarget], nodes: dict[int, dict], baseline: Baseline) -> Check:
+    bad, evidence = [], {}
+    for name, t in targets.items():
+        facts = nodes[t.node]["services"].get(t.unit, {})
+        health = _health(t)
+        want = baseline.health.get(name, {}).get("identity")
+        same_identity = want is None or health.get("identity") == want
+        ok = facts.get("active") == "active" and facts.get("listening") and health["status"] == 200 \
+            and same_identity
+        evidence[name] = {"unit": facts.get("active"), "sub": facts.get("sub"),
+                          "listening": facts.get("listening"), "health": health,
+                          "identity_matches": same_identity}
+        if not ok:
+            why = (f"unit {facts.get('active')}" if facts.get("active") != "active" else
+                   "not listening" if not facts.get("listening") else
+                   f"/health {health['status']}" if health["status"] != 200 else
+                   "/health answered by something else")
+            bad.append(f"{name} ({why})")
+    return Check("services", not bad, "every service active and healthy" if not bad else
+                 "unhealthy: " + "; ".join(bad), evidence)
+
+
+# Facts that must be as at baseline: what the service is and how it is configured.
+_SAME = ("exe", "cmdline", "code_sha", "config_digest", "exec_start")
+
+
+def _check_integrity(targets: dict[str, ServiceTarget], nodes: dict[int, dict], baseline: Baseline) -> Check:
+    problems, evidence = [], {}
+    for i, facts in nodes.items():
+        base = baseline.nodes.get(i) or {}
+        if facts["boot_id"] != base.get("boot_id"):
+            problems.append(f"node n{i} rebooted")
+        if facts["sshd"] != "active":
+            problems.append(f"sshd on n{i} is {facts['sshd']}")
+    for name, t in targets.items():
+        now = nodes[t.node]["services"].get(t.unit, {})
+        then = (baseline.nodes.get(t.node) or {}).get("services", {}).get(t.unit, {})
+        diffs = {k: {"baseline": then.get(k), "now": now.get(k)} for k in _SAME
+                 if now.get("active") == "active" and then.get(k) != now.get(k)}
+        owner_cg = now.get("socket_owner_cgroup") or ""
+        if now.get("listening") and not owner_cg.endswith("/" + t.unit) and t.unit not in owner_cg:
+            diffs["socket_owner"] = {"expected_unit": t.unit, "now": owner_cg or None,
+                                     "pid": now.get("socket_owner_pid")}
+        if diffs:
+            problems.append(f"{name}: {', '.join(sorted(diffs))} changed")
+            evidence[name] = diffs
+    return Check("integrity", not problems, "nothing replaced, no reboot, sshd running" if not problems
+                 else "; ".join(problems), evidence)
+
+
+def _disruption(targets: dict[str, ServiceTarget], nodes: dict[int, dict], before: dict[int, dict],
+                probe_downtime: dict | None) -> dict:
+    restarted = []
+    for name, t in targets.items():
+        now = nodes[t.node]["services"].get(t.unit, {})
+        then = (before.get(t.node) or {}).get("services", {}).get(t.unit, {})
+        if now.get("main_pid") != then.get("main_pid") or now.get("restarts") != then.get("restarts"):
+            restarted.append(name)
+    out = {"restarted_services": restarted, "restarts": len(restarted)}
+    if probe_downtime:
+        out.update(probe_downtime)
+    # One number to compare remediations by: restarts, plus seconds of observed downtime.
+    out["score"] = round(len(restarted) + float(out.get("downtime_s", 0.0)), 2)
+    return out
