@@ -55,3 +55,16 @@ class DeployError(SandboxError):
 
 class NotDeployed(DeployError):
     """A sandbox with no system deployed in it."""
+
+
+class FaultError(SandboxError):
+    """A fault could not be injected, checked or recovered; the message says where it failed."""
+
+
+class UnknownFault(FaultError):
+    """A fault name that is not in the catalog; the message lists the catalog."""
+
+
+class FaultUnavailable(FaultError):
+    """The fault cannot run here (a missing mechanism, a target it does not apply to); the
+    message gives the reason."""

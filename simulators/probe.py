@@ -94,6 +94,7 @@ props = ["ActiveState", "SubState", "MainPID", "NRestarts", "ExecMainStartTimest
 init_start = open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]
 out = {"boot_id": open("/proc/sys/kernel/random/boot_id").read().strip() + "/" + init_start,
        "sshd": sh("systemctl", "is-active", "ssh").strip(),
+       "sshd_pid": sh("systemctl", "show", "-pMainPID", "--value", "ssh").strip(),
        "services": {}}
 for s in services:
     show = sh("systemctl", "show", s["unit"], *[f"-p{p}" for p in props])

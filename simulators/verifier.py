@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from .probe import probe_all
+from .errors import SandboxError
 from .sandbox import Sandbox
 from .systems.target import ServiceTarget
 
@@ -130,7 +131,25 @@ def _ms(t0: float) -> float:
     return round((time.monotonic() - t0) * 1000, 1)
 
 
-def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=None, load_check=None) -> Baseline:
+def seed_check(sb: Sandbox, deployment: Any) -> dict:
+    """The deployment's seed data (redis keys, data files) compared with its checksums."""
+    from .systems.deploy import verify_seed
+    problems = verify_seed(sb, deployment)
+    return {"ok": not problems, "problems": problems[:20], "detail": "; ".join(problems[:3])}
+
+
+def load_check(sb: Sandbox, deployment: Any) -> dict:
+    """The standard load against the entry for the SLO's window, judged by the SLO."""
+    from .systems.loadgen import check_slo, run_load
+    result = run_load(deployment)
+    slo = check_slo(result, deployment.slo)
+    detail = (f"SLO met: success {result.success_rate:.3f}, p95 {result.p95_ms:.0f} ms" if slo.ok
+              else "SLO missed: " + "; ".join(slo.reasons))
+    return {"ok": slo.ok, "detail": detail, "load": result.to_json(),
+            "slo": {"success_rate": deployment.slo.success_rate, "p95_ms": deployment.slo.p95_ms}}
+
+
+def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=seed_check, load_check=None) -> Baseline:
     """Record the healthy deployment. Take it after deploy is confirmed healthy (and after
     any checkpoint): taken too early it guards nothing."""
     targets: dict[str, ServiceTarget] = deployment.targets
@@ -149,7 +168,7 @@ def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=None, load_check=N
 
 
 def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_Fault] = (), *,
-           seed_check=None, load_check=None, probe_downtime: dict | None = None,
+           seed_check=seed_check, load_check=load_check, probe_downtime: dict | None = None,
            before: dict[int, dict] | None = None) -> Verdict:
     """Judge the sandbox now against the baseline. `seed_check(sb, deployment)` and
     `load_check(sb, deployment)` return {"ok": bool, ...evidence}; `probe_downtime` is
@@ -159,6 +178,15 @@ def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_F
     t0 = time.monotonic()
     targets: dict[str, ServiceTarget] = deployment.targets
     nodes = probe_all(sb, targets)
+    if any(facts is None for facts in nodes.values()):
+        # A remediation may have just restarted sshd or the network: give the nodes a
+        # moment to answer again before calling the sandbox unjudgeable.
+        sb._close_ssh()
+        try:
+            sb.wait_ready(timeout=20)
+        except SandboxError:
+            pass
+        nodes = probe_all(sb, targets)
     if any(facts is None for facts in nodes.values()):
         dead = [sb.nodes[i].name for i, f in nodes.items() if f is None]
         return Verdict(False, False, (), {}, round(time.monotonic() - t0, 3),
@@ -232,6 +260,9 @@ def _check_integrity(targets: dict[str, ServiceTarget], nodes: dict[int, dict], 
             problems.append(f"node n{i} rebooted")
         if facts["sshd"] != "active":
             problems.append(f"sshd on n{i} is {facts['sshd']}")
+        elif base.get("sshd_pid") and facts.get("sshd_pid") != base.get("sshd_pid"):
+            # Nothing a remediation needs restarts sshd; a changed pid means it was killed.
+            problems.append(f"sshd on n{i} was killed or restarted")
     for name, t in targets.items():
         now = nodes[t.node]["services"].get(t.unit, {})
         then = (baseline.nodes.get(t.node) or {}).get("services", {}).get(t.unit, {})

@@ -13,10 +13,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import doctor, image, sandbox
+    from . import doctor, image, sandbox, system
     app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
     app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
+    app.add_typer(system.app, name="system", help="Microservice systems: list, deploy, status, load.")
 
 
 _register()

@@ -19,22 +19,44 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command()
 def up(backend: str = typer.Option("nspawn", "--backend", "-b", help="nspawn or libvirt."),
-       nodes: int = typer.Option(1, "--nodes", "-n", min=1, help="How many nodes."),
+       nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1,
+                                           help="How many nodes (default 1, or as many as --system places services on)."),
        name: Optional[str] = typer.Option(None, "--name", help="Sandbox name (default: sb-<random>)."),
        memory: int = typer.Option(768, "--memory", help="libvirt: MiB per guest."),
        accel: str = typer.Option("auto", "--accel", help="libvirt: auto, kvm or tcg."),
+       system: Optional[str] = typer.Option(None, "--system", help="Size the sandbox for this system (see `remed system ls`)."),
+       deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="With --system: also deploy it."),
        json_out: bool = typer.Option(False, "--json", help="Print the sandbox as JSON.")) -> None:
     """Create a sandbox that lives until `remed sandbox down NAME`."""
+    spec = None
+    if system is not None:
+        from e2e_reme.simulators.systems.spec import load_system
+        spec = load_system(system)
+        if nodes is not None and nodes < spec.nodes:
+            raise ValueError(f"system {spec.name} places services on {spec.nodes} nodes; --nodes {nodes} is too few")
+    nodes = nodes or (spec.nodes if spec else 1)
     t0 = time.monotonic()
     with console.status(f"starting {nodes} {backend} node(s) and waiting for sshd …", spinner="dots"):
         sb = create_sandbox(backend, nodes, name=name, detached=True, memory_mib=memory, accel=accel)
     desc = sb.describe() | {"ready_seconds": round(time.monotonic() - t0, 2),
                             "ssh_key": str(sb.image.ssh_key)}
+    if spec is not None and deploy:
+        from e2e_reme.simulators.errors import DeployError
+        from .system import deploy_with_progress
+        try:
+            dep = deploy_with_progress(sb, spec, to_stderr=json_out)
+        except DeployError as e:
+            raise DeployError(f"{e}\n(sandbox {sb.name} is up, without a working {spec.name}: inspect it, "
+                              f"or remove it with `remed sandbox down {sb.name}`)") from e
+        desc |= {"system": dep.system, "entry": dep.entry.url, "deploy_seconds": dep.deploy_s}
     if json_out:
         print(json.dumps(desc, indent=2))
         return
     _print_nodes(desc)
     console.print(f"ready in {desc['ready_seconds']} s. Try: remed sandbox exec {sb.name} -- hostname")
+    if "system" in desc:
+        console.print(f"{desc['system']} deployed in {desc['deploy_seconds']} s, entry {desc['entry']}. "
+                      f"Try: remed system status --sandbox {sb.name}")
 
 
 def _print_nodes(desc: dict) -> None:

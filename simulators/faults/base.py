@@ -1,0 +1,422 @@
+"""The fault base class, the catalog, availability, and the per-sandbox record of injections.
+
+A fault type is a small class registered by name:
+
+    @register_fault("cpu-stress")
+    class CpuStress(Fault):
+        category = "resource"
+        needs = ("cgroup_stress",)          # doctor mechanisms; "netem|nftables" = either
+        defaults = {"workers": 0}
+
+        def _inject(self, sb): ...         # make it so, in the sandbox, persistently
+        def is_active(self, sb): ...        # ground truth, read from the sandbox
+        def describe(self, sb): ...         # what monitoring would observe (no implementation)
+        def _recover(self, sb): ...         # the harness's own undo
+
+The public `inject()` / `recover()` wrap the hooks: availability first, then the record in
+`<sandbox state dir>/faults.json`, so that another process (the CLI, the verifier) can list
+the faults of a sandbox and rebuild them with `injected_faults(sb)` to re-check
+`is_active` from the sandbox itself.
+
+Processes a fault starts carry `REMED_FAULT_ID=<id>` in their environment: that is how its
+ground truth finds them again (whoever restarts, renames or moves them), and it is not
+something a monitoring system shows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import secrets
+import shlex
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+from ..errors import FaultError, FaultUnavailable, UnknownFault
+from ..systems.target import ServiceTarget
+
+CATEGORIES = ("resource", "network", "application")
+COMPOUND_PREFIX = "compound:"
+TAG = "REMED_FAULT_ID"
+
+_CATALOG: dict[str, type["Fault"]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_fault(name: str, *aliases: str) -> Callable[[type["Fault"]], type["Fault"]]:
+    """Register a fault class under `name` (and old names, e.g. MicroRemed's spelling)."""
+    def deco(cls: type[Fault]) -> type[Fault]:
+        if cls.category not in CATEGORIES:
+            raise ValueError(f"fault {name}: category {cls.category!r} is not one of {CATEGORIES}")
+        cls.name = name
+        cls.aliases = tuple(aliases)
+        _CATALOG[name] = cls
+        for a in aliases:
+            _ALIASES[a] = name
+        return cls
+    return deco
+
+
+def fault_catalog() -> dict[str, type["Fault"]]:
+    """Every registered fault type by name (the built-in ones are imported first)."""
+    import importlib
+    for mod in ("resource", "network", "application"):
+        importlib.import_module(f"{__package__}.{mod}")
+    return dict(sorted(_CATALOG.items()))
+
+
+def canonical_name(name: str) -> str:
+    fault_catalog()
+    return _ALIASES.get(name, name)
+
+
+def get_fault(name: str) -> type["Fault"]:
+    """The class of a fault by name: a catalog name, an alias, or `compound:a+b`."""
+    catalog = fault_catalog()
+    if name.startswith(COMPOUND_PREFIX):
+        from .compound import compound_class
+        return compound_class(name)
+    cls = catalog.get(_ALIASES.get(name, name))
+    if cls is None:
+        aliases = ", ".join(f"{a} (= {c})" for a, c in sorted(_ALIASES.items()))
+        raise UnknownFault(f"unknown fault '{name}'; the catalog: {', '.join(catalog)}"
+                           + (f"; aliases: {aliases}" if aliases else "")
+                           + f"; or {COMPOUND_PREFIX}<a>+<b> for two at once")
+    return cls
+
+
+# ---- availability -----------------------------------------------------------------------
+
+_REPORT = None
+
+
+def host_report():
+    """The doctor's report of this host, probed once per process (it only changes when the
+    host does)."""
+    global _REPORT
+    if _REPORT is None:
+        from ..doctor import probe_host
+        _REPORT = probe_host()
+    return _REPORT
+
+
+def needs_met(needs: tuple[str, ...], backend: str, report=None) -> tuple[bool, str]:
+    """Whether every requirement holds on `backend`; a requirement "a|b" holds if either
+    mechanism is usable. The reason names the first one that fails, with the doctor's why."""
+    report = report if report is not None else host_report()
+    used = []
+    for req in needs:
+        alts = req.split("|")
+        verdicts = []
+        for mech in alts:
+            per = report.mechanisms.get(mech)
+            if per is None:
+                verdicts.append((mech, False, f"the doctor knows no mechanism '{mech}'"))
+                continue
+            u = per.get(backend)
+            if u is None:
+                verdicts.append((mech, False, f"unknown backend '{backend}'"))
+            else:
+                verdicts.append((mech, u.usable, u.why))
+        ok = [m for m, usable, _ in verdicts if usable]
+        if not ok:
+            why = "; ".join(f"{m}: {w}" for m, _, w in verdicts)
+            return False, f"needs {' or '.join(alts)} on {backend}, which is not usable: {why}"
+        used.append(ok[0])
+    return True, ("uses " + ", ".join(used) if used else "needs no special mechanism")
+
+
+def fault_available(name: str, backend: str, report=None) -> tuple[bool, str]:
+    """(available, why) for a fault type on a backend of this host, from its `needs` and the
+    doctor's report. Target-specific limits (a service with no dependencies, a redis where
+    the fault needs our runtime) are checked at injection."""
+    return get_fault(name).available(backend, report)
+
+
+# ---- the record of injected faults, per sandbox ------------------------------------------
+
+def _record_path(sb) -> Path:
+    return Path(sb.record.dir) / "faults.json"
+
+
+@contextmanager
+def _records_locked(sb) -> Iterator[list[dict]]:
+    path = _record_path(sb)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            records = json.loads(path.read_text()) if path.exists() else []
+        except ValueError:
+            records = []
+        yield records
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(records, indent=2))
+        tmp.replace(path)
+
+
+def fault_records(sb) -> list[dict]:
+    """Every fault injected into this sandbox since its last reset (name, service, params,
+    seed, injected_at, recovered_at, ...), oldest first."""
+    path = _record_path(sb)
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        return []
+
+
+def injected_faults(sb, include_recovered: bool = False) -> list["Fault"]:
+    """The faults of this sandbox, rebuilt from the record: call `is_active(sb)` on them
+    (it reads the sandbox), `describe(sb)` or `recover(sb)`."""
+    out = []
+    for rec in fault_records(sb):
+        if rec.get("recovered_at") and not include_recovered:
+            continue
+        out.append(Fault.from_record(rec))
+    return out
+
+
+def forget_faults(sb) -> None:
+    """Drop the record (after `sb.reset()`, which discards every fault with the node)."""
+    with _records_locked(sb) as records:
+        records.clear()
+
+
+# ---- the base class ---------------------------------------------------------------------
+
+class Fault:
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    category: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    kinds: ClassVar[tuple[str, ...]] = ("http", "redis")     # service kinds it applies to
+    summary: ClassVar[str] = ""
+
+    def __init__(self, target: ServiceTarget, targets: Mapping[str, ServiceTarget] | None = None,
+                 params: Mapping[str, Any] | None = None, seed: int = 0, fault_id: str | None = None):
+        self.target = target
+        self.targets = dict(targets or {})
+        self.targets.setdefault(target.service, target)
+        self.seed = int(seed)
+        self.params = self._coerce(dict(params or {}))
+        self.id = fault_id or secrets.token_hex(4)
+        self.injected_at: float | None = None
+        self.rng = random.Random(f"{self.seed}:{self.name}:{target.service}")
+        self._report = None
+
+    # ---- hooks for the subclasses -------------------------------------------------------
+    def _check(self, sb) -> None:
+        """Raise FaultUnavailable if this target or sandbox cannot take the fault."""
+
+    def _inject(self, sb) -> None:
+        raise NotImplementedError
+
+    def _recover(self, sb) -> None:
+        raise NotImplementedError
+
+    def is_active(self, sb) -> bool:
+        raise NotImplementedError
+
+    def describe(self, sb) -> dict:
+        raise NotImplementedError
+
+    # ---- public API ---------------------------------------------------------------------
+    @classmethod
+    def available(cls, backend: str, report=None) -> tuple[bool, str]:
+        return needs_met(cls.needs, backend, report)
+
+    def check(self, sb, report=None) -> None:
+        """Raise FaultUnavailable with the reason if the fault cannot be injected here."""
+        self._report = report
+        ok, why = self.available(sb.backend, report)
+        if not ok:
+            raise FaultUnavailable(f"{self.name} is not available on {sb.backend} here: {why}")
+        if self.target.kind not in self.kinds:
+            raise FaultUnavailable(f"{self.name} applies to {' or '.join(self.kinds)} services; "
+                                   f"{self.target.service} is {self.target.kind}")
+        self._check(sb)
+
+    def inject(self, sb, report=None) -> "Fault":
+        """Inject the fault into the sandbox and record it. It stays until something fixes it.
+        On failure, whatever was half done is undone and FaultError says where it failed."""
+        self.check(sb, report)
+        self.injected_at = time.time()
+        try:
+            self._inject(sb)
+        except BaseException:
+            try:
+                self._recover(sb)
+            except Exception:
+                pass
+            raise
+        with _records_locked(sb) as records:
+            records.append(self.to_record())
+        return self
+
+    def recover(self, sb) -> None:
+        """The harness's ground-truth undo (cleanup; never shown to a policy). Idempotent."""
+        self._recover(sb)
+        with _records_locked(sb) as records:
+            for rec in records:
+                if rec["id"] == self.id and not rec.get("recovered_at"):
+                    rec["recovered_at"] = time.time()
+
+    @property
+    def node(self) -> int:
+        return self.target.node
+
+    def node_name(self, sb) -> str:
+        return sb.nodes[self.target.node].name
+
+    def public_params(self) -> dict:
+        """The parameters, without the private ones kept for recovery (leading '_')."""
+        return {k: v for k, v in self.params.items() if not k.startswith("_")}
+
+    def to_record(self) -> dict:
+        deps = {n: asdict(t) for n, t in self.targets.items()}
+        return {"id": self.id, "name": self.name, "service": self.target.service,
+                "system": self.target.system, "node": self.target.node, "category": self.category,
+                "params": self.params, "seed": self.seed, "injected_at": self.injected_at,
+                "recovered_at": None, "target": asdict(self.target), "targets": deps}
+
+    @staticmethod
+    def from_record(rec: dict) -> "Fault":
+        def tgt(d: dict) -> ServiceTarget:
+            d = dict(d)
+            d["dependencies"] = tuple(d.get("dependencies") or ())
+            d["dependents"] = tuple(d.get("dependents") or ())
+            return ServiceTarget(**d)
+        cls = get_fault(rec["name"])
+        f = cls(tgt(rec["target"]), {n: tgt(t) for n, t in (rec.get("targets") or {}).items()},
+                rec.get("params") or {}, rec.get("seed", 0), fault_id=rec["id"])
+        f.injected_at = rec.get("injected_at")
+        return f
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} on {self.target.service} id={self.id}>"
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _coerce(self, given: dict) -> dict:
+        out = dict(self.defaults)
+        for k, v in given.items():
+            if k.startswith("_"):
+                out[k] = v
+                continue
+            if k not in self.defaults:
+                known = ", ".join(sorted(self.defaults)) or "none"
+                raise FaultError(f"{self.name}: unknown parameter '{k}' (known: {known})")
+            out[k] = _coerce_like(self.defaults[k], v, f"{self.name}: parameter '{k}'")
+        return out
+
+    def sh(self, sb, script: str, *, node: int | None = None, timeout: float = 60,
+           check: bool = True, input: str | None = None):
+        """Run a shell script on the target's node (root). With `check`, a non-zero exit is
+        a FaultError naming the fault, the node and the script's stderr."""
+        node = self.target.node if node is None else node
+        res = sb.exec(script, node=node, timeout=timeout, input=input)
+        if check and not res.ok:
+            tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-3:]
+            what = "timed out" if res.timed_out else f"exited {res.rc}"
+            raise FaultError(f"{self.name} on {self.target.service} (node {sb.nodes[node].name}): "
+                             f"a guest command {what}: {' | '.join(tail) or 'no output'}")
+        return res
+
+    def tagged_pids(self, sb) -> list[int]:
+        """Live (not zombie) processes on the node that carry this fault's tag."""
+        res = self.sh(sb, tagged_pids_script(self.id), check=False, timeout=30)
+        return [int(p) for p in res.stdout.split() if p.isdigit()]
+
+    def kill_tagged(self, sb) -> None:
+        self.sh(sb, kill_tagged_script(self.id), check=False, timeout=30)
+
+
+def _coerce_like(default: Any, value: Any, what: str) -> Any:
+    """CLI parameters arrive as strings; give them the type of the default."""
+    if default is None or not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise FaultError(f"{what}: '{value}' is not a {type(default).__name__}") from None
+    return value
+
+
+# ---- guest shell snippets shared by the fault types ---------------------------------------
+
+def tagged_pids_script(fault_id: str) -> str:
+    # The stat state is the first field after the last ')' (comm may hold spaces and parens).
+    return (f"for e in /proc/[0-9]*/environ; do "
+            f"if grep -qaxz {shlex.quote(f'{TAG}={fault_id}')} \"$e\" 2>/dev/null; then "
+            f"p=${{e#/proc/}}; p=${{p%/environ}}; "
+            f"s=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f1); "
+            f"[ -n \"$s\" ] && [ \"$s\" != Z ] && [ \"$s\" != X ] && echo $p; fi; done; true")
+
+
+def kill_tagged_script(fault_id: str) -> str:
+    # A stopped process only dies of SIGKILL once continued, hence CONT after KILL.
+    return (f"for i in 1 2 3 4 5; do ps=$({tagged_pids_script(fault_id)}); "
+            f"[ -z \"$ps\" ] && exit 0; kill -KILL $ps 2>/dev/null; kill -CONT $ps 2>/dev/null; "
+            f"sleep 0.2; done; true")
+
+
+def cgroup_join_snippet(unit: str) -> str:
+    """Shell that moves the current shell ($$) into the unit's cgroup in every hierarchy the
+    guest has (v2; or v1 hybrid's name=systemd + unified + any controller that has it), so
+    what it execs next counts against the unit (its CPUQuota, its memory) and dies with it.
+    Fails if the unit has no cgroup (not running)."""
+    u = shlex.quote(unit)
+    return (f"cg=$(systemctl show -p ControlGroup --value {u}); "
+            f"[ -n \"$cg\" ] || {{ echo '{unit} has no cgroup (not running)' >&2; exit 3; }}; "
+            f"moved=0; for d in /sys/fs/cgroup /sys/fs/cgroup/*; do "
+            f"if [ -f \"$d$cg/cgroup.procs\" ] && echo $$ > \"$d$cg/cgroup.procs\" 2>/dev/null; "
+            f"then moved=1; fi; done; [ $moved = 1 ] || {{ echo 'cannot join the cgroup of {unit}' >&2; exit 3; }}")
+
+
+def start_detached(fault_id: str, command: str, *, in_unit: str | None = None,
+                   env: Mapping[str, str] | None = None) -> str:
+    """Shell that starts `command` in a new session, surviving the SSH session, tagged with
+    the fault id; inside `in_unit`'s cgroup when given. Prints nothing; fails only if the
+    cgroup cannot be joined."""
+    envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in {TAG: fault_id, **(env or {})}.items())
+    inner = (cgroup_join_snippet(in_unit) + "; " if in_unit else "") + f"exec {command}"
+    # The first line of the inner shell must run before it forks anything: it moves itself.
+    return (f"setsid -f env {envs} sh -c {shlex.quote(inner)} </dev/null >/dev/null 2>&1; "
+            f"sleep 0.3; p=$({tagged_pids_script(fault_id)}); "
+            f"[ -n \"$p\" ] || {{ echo 'the process did not start (or died at once)' >&2; exit 4; }}")
+
+
+def unit_cgroup_pids_script(unit: str) -> str:
+    u = shlex.quote(unit)
+    return (f"cg=$(systemctl show -p ControlGroup --value {u}); [ -n \"$cg\" ] || exit 0; "
+            f"for d in /sys/fs/cgroup /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do "
+            f"if [ -f \"$d$cg/cgroup.procs\" ]; then cat \"$d$cg/cgroup.procs\"; exit 0; fi; done")
+
+
+def limits_enforced_script() -> str:
+    """Prints the cgroup controllers a guest's systemd can really apply limits with
+    (cpu, memory). In a container on a cgroup-v1 host they are read-only: systemd accepts
+    CPUQuota=/MemoryMax= and enforces nothing."""
+    return ("if [ \"$(stat -fc %T /sys/fs/cgroup)\" = cgroup2fs ]; then "
+            "for c in cpu memory; do grep -qw $c /sys/fs/cgroup/cgroup.controllers && "
+            "[ -w /sys/fs/cgroup/cgroup.subtree_control ] && echo $c; done; "
+            "else for c in cpu memory; do [ -w /sys/fs/cgroup/$c ] && echo $c; done; fi; true")
+
+
+def enforced_limits(sb, node: int) -> set[str]:
+    res = sb.exec(limits_enforced_script(), node=node, timeout=20)
+    return set(res.stdout.split())

@@ -1,0 +1,334 @@
+"""Resource faults: CPU, memory and IO saturation (MicroRemed's three), a full disk and a
+log flood.
+
+Where the stressors run, and why:
+- cpu-stress and disk-io start their workers *inside the service's cgroup* (as a chaos
+  tool injecting into a container does): they count against the unit's CPUQuota, show in
+  `systemctl status`, and die with the unit if it is restarted.
+- memory-stress runs its worker *beside* the service, in a transient unit of its own: in
+  the service's cgroup, with the unit's MemoryMax enforced (libvirt guests), the kernel
+  OOM-kills the worker at once, systemd (OOMPolicy=stop) stops the unit, Restart= starts
+  it again, and the fault is gone by itself within a second. Beside it, the node runs
+  short of memory and every process on it, the service included, pays in reclaim, cache
+  misses and CPU (the workers rewrite their pages continuously).
+- disk-full and log-flood fill the filesystem the data dir lives on, bounded: a tmpfs of
+  `size_mib` is mounted over the data dir (its contents copied in first), so a filler
+  never reaches the host's disk (an nspawn node's overlay lives on it).
+
+Note for nspawn on a cgroup-v1 host (this one): the container's cgroup controllers are
+read-only, so no CPUQuota/MemoryMax is enforced there; the stressors still compete for
+the node's (the host's) CPUs and the service measurably slows, but by contention rather
+than by throttling.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+from ..errors import FaultError, FaultUnavailable
+from .base import Fault, enforced_limits, register_fault, start_detached
+from .observe import SECTION_KEYS, observe, symptoms
+
+# Below this much free space the data dir's filesystem counts as full: the runtime's
+# health probe and its request writes fail (a 4 KiB page is the smallest write on tmpfs).
+FULL_BELOW_BYTES = 1 << 20
+
+
+class _Observed(Fault):
+    """describe() = the sections a monitoring system would look at for this fault."""
+    sections: tuple[str, ...] = ("unit", "health", "latency", "journal")
+
+    def describe(self, sb) -> dict:
+        facts = observe(sb, self.target, self.sections, self.targets, since=self.injected_at)
+        return self.describe_facts(sb, facts)
+
+    def describe_facts(self, sb, facts: dict) -> dict:
+        """The description from facts already gathered (a compound gathers once for both)."""
+        keys = {SECTION_KEYS.get(s, s) for s in self.sections}
+        facts = self._extra_facts(sb, {k: v for k, v in facts.items() if k in keys or k == "error"})
+        return {"service": self.target.service, "node": self.node_name(sb), "unit": self.target.unit,
+                "symptoms": symptoms(facts, self.target) + self._extra_symptoms(facts), **facts}
+
+    def _extra_facts(self, sb, facts: dict) -> dict:
+        return facts
+
+    def _extra_symptoms(self, facts: dict) -> list[str]:
+        return []
+
+
+class _Stressor(_Observed):
+    """A process tree started by the fault and found again by its tag."""
+
+    def is_active(self, sb) -> bool:
+        return bool(self.tagged_pids(sb))
+
+    def _recover(self, sb) -> None:
+        self.kill_tagged(sb)
+
+
+def _cpus(fault: Fault, sb) -> int:
+    res = fault.sh(sb, "nproc", check=False)
+    return int(res.stdout.strip()) if res.stdout.strip().isdigit() else 1
+
+
+@register_fault("cpu-stress")
+class CpuStress(_Stressor):
+    category = "resource"
+    needs = ("cgroup_stress",)
+    summary = "CPU workers inside the service's cgroup (MicroRemed: CPU saturation)"
+    defaults = {"workers": 0, "load": 100, "max_duration_s": 7200}
+    sections = ("unit", "health", "latency", "processes", "node", "journal")
+
+    def _inject(self, sb) -> None:
+        # 4 workers per CPU: fewer hardly slow a service that sleeps between requests (the
+        # scheduler favours a waking task), more only add noise.
+        if not self.params["workers"]:
+            self.params["workers"] = 4 * _cpus(self, sb)
+        # --keep-name: stress-ng's process titles would overwrite the environment, tag included.
+        cmd = (f"stress-ng --keep-name --cpu {int(self.params['workers'])} --cpu-load {int(self.params['load'])} "
+               f"--timeout {int(self.params['max_duration_s'])}s --quiet")
+        self.sh(sb, start_detached(self.id, cmd, in_unit=self.target.unit))
+
+
+@register_fault("memory-stress")
+class MemoryStress(_Stressor):
+    category = "resource"
+    needs = ("cgroup_stress",)
+    summary = "a 1280 MiB memory worker beside the service (MicroRemed: memory saturation)"
+    defaults = {"memory_mib": 1280, "workers": 2, "reserve_mib": 96, "max_duration_s": 7200}
+    sections = ("unit", "health", "latency", "node", "journal")
+    # What nspawn may take from the host beyond the worker itself (its memory is the host's).
+    HOST_MARGIN_MIB = 2048
+
+    def _check(self, sb) -> None:
+        if sb.backend == "nspawn":
+            avail = _host_available_mib()
+            want = int(self.params["memory_mib"]) + self.HOST_MARGIN_MIB
+            if avail < want:
+                raise FaultUnavailable(f"memory-stress: the host has {avail} MiB available, and an nspawn "
+                                       f"node's memory is the host's; want {want} MiB "
+                                       f"(memory_mib + {self.HOST_MARGIN_MIB} margin)")
+
+    def _inject(self, sb) -> None:
+        mib = int(self.params["memory_mib"])
+        # A VM has its own memory: asking more than it has only gets the worker OOM-killed
+        # and restarted in a loop, which can take the guest's sshd down with it. Fill it to
+        # a little short of full instead; the node then runs out of cache and reclaims.
+        res = self.sh(sb, "awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo")
+        avail = int(res.stdout.strip() or 0)
+        mib = max(16, min(mib, avail - int(self.params["reserve_mib"])))
+        workers = max(1, int(self.params["workers"]))
+        self.params["_effective_mib"] = mib
+        # stress-ng shares --vm-bytes out among the workers.
+        cmd = (f"systemd-run --quiet --collect -E REMED_FAULT_ID={self.id} "
+               f"stress-ng --vm {workers} --vm-bytes {mib}M --vm-keep --keep-name "
+               f"--timeout {int(self.params['max_duration_s'])}s --quiet")
+        self.sh(sb, cmd)
+        # The pages are touched gradually; wait until most are resident, so that
+        # detection right after inject sees the pressure.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rss = self.sh(sb, _tagged_rss_script(self.id), check=False).stdout.strip()
+            if rss.isdigit() and int(rss) >= 0.8 * mib:
+                break
+            time.sleep(0.5)
+
+    def _extra_facts(self, sb, facts: dict) -> dict:
+        node = facts.get("node_stats") or {}
+        hogs = [r for r in node.get("top_memory", [])
+                if r["rss_mib"] >= 64 and r.get("unit") != self.target.unit]
+        facts["memory_hogs"] = hogs
+        return facts
+
+    def _extra_symptoms(self, facts: dict) -> list[str]:
+        node = facts.get("node_stats") or {}
+        out = []
+        if node.get("mem_total_mib"):
+            out.append(f"node memory: {node.get('mem_available_mib')} MiB available of {node['mem_total_mib']} MiB")
+        for h in facts.get("memory_hogs", [])[:3]:
+            out.append(f"process {h['pid']} ({h['name']}, unit {h.get('unit')}) holds {h['rss_mib']} MiB")
+        return out
+
+
+def _tagged_rss_script(fault_id: str) -> str:
+    from .base import tagged_pids_script
+    return (f"t=0; for p in $({tagged_pids_script(fault_id)}); do "
+            f"r=$(awk '/VmRSS/ {{print int($2/1024)}}' /proc/$p/status 2>/dev/null); t=$((t + ${{r:-0}})); done; echo $t")
+
+
+def _host_available_mib() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+@register_fault("disk-io")
+class DiskIO(_Stressor):
+    category = "resource"
+    needs = ("cgroup_stress",)
+    summary = "IO workers writing and fsyncing in the service's data dir, in its cgroup (MicroRemed: IO saturation)"
+    defaults = {"workers": 2, "bytes_mib": 256, "write_kib": 1024, "max_duration_s": 7200}
+    sections = ("unit", "health", "latency", "processes", "node", "disk", "journal")
+
+    def _inject(self, sb) -> None:
+        # Bounded: the workers rewrite at most bytes_mib each in the data dir, whatever the time.
+        dd = shlex.quote(self.target.data_dir)
+        # Large synchronous writes: every write waits for the disk, and so does the
+        # service's own fsync behind them (small fsynced writes hardly notice otherwise).
+        cmd = (f"stress-ng --keep-name --hdd {int(self.params['workers'])} --hdd-bytes {int(self.params['bytes_mib'])}M "
+               f"--hdd-write-size {int(self.params['write_kib'])}K --hdd-opts dsync --temp-path {dd} "
+               f"--timeout {int(self.params['max_duration_s'])}s --quiet")
+        self.sh(sb, f"test -d {dd} || {{ echo 'no data dir {self.target.data_dir}' >&2; exit 3; }}; "
+                    + start_detached(self.id, cmd, in_unit=self.target.unit))
+
+    def _recover(self, sb) -> None:
+        self.kill_tagged(sb)
+        # A killed stress-ng leaves its (empty) scratch directories behind.
+        dd = shlex.quote(self.target.data_dir)
+        self.sh(sb, f"find {dd} -mindepth 1 -maxdepth 1 -type d -name 'tmp-stress-ng-*' -exec rm -rf {{}} +; true",
+                check=False)
+
+
+# ---- a full filesystem under the data dir -------------------------------------------------
+
+def _mount_tmpfs_script(data_dir: str, size_mib: int, stage: str) -> str:
+    dd, st = shlex.quote(data_dir), shlex.quote(stage)
+    return f"""set -e
+test -d {dd} || {{ echo 'no data dir {data_dir}' >&2; exit 3; }}
+if mountpoint -q {dd}; then echo '{data_dir} is already a mount point' >&2; exit 3; fi
+mode=$(stat -c %a {dd}); uid=$(stat -c %u {dd}); gid=$(stat -c %g {dd})
+rm -rf {st}; mkdir -p {st}; cp -a {dd}/. {st}/
+mount -t tmpfs -o size={int(size_mib)}m,mode=$mode,uid=$uid,gid=$gid tmpfs {dd}
+cp -a {st}/. {dd}/; rm -rf {st}
+"""
+
+
+def _unmount_tmpfs_script(data_dir: str, stage: str, drop: list[str]) -> str:
+    """Copy what the service wrote meanwhile back to the real directory, then unmount."""
+    dd, st = shlex.quote(data_dir), shlex.quote(stage)
+    rm = " ".join(shlex.quote(p) for p in drop)
+    return f"""rm -f {rm} 2>/dev/null
+if mountpoint -q {dd} && [ "$(stat -fc %T {dd})" = tmpfs ]; then
+  rm -rf {st}; mkdir -p {st}; cp -a {dd}/. {st}/ 2>/dev/null
+  umount {dd} 2>/dev/null || umount -l {dd}
+  cp -a {st}/. {dd}/ 2>/dev/null; rm -rf {st}
+fi
+true
+"""
+
+
+def _avail_bytes_script(data_dir: str) -> str:
+    return f"df -B1 --output=avail {shlex.quote(data_dir)} | tail -1 | tr -d ' '"
+
+
+class _FullDisk(_Observed):
+    sections = ("unit", "health", "latency", "disk", "journal")
+
+    @property
+    def _stage(self) -> str:
+        return f"/run/.remed-{self.id}"
+
+    def _full(self, sb) -> bool:
+        res = self.sh(sb, _avail_bytes_script(self.target.data_dir), check=False)
+        out = res.stdout.strip()
+        return out.isdigit() and int(out) < FULL_BELOW_BYTES
+
+
+@register_fault("disk-full")
+class DiskFull(_FullDisk):
+    category = "resource"
+    needs = ()
+    summary = "the filesystem of the service's data dir is full (a large stray file), bounded to size_mib"
+    defaults = {"size_mib": 48, "file": ""}
+    STRAYS = ("backup-{date}.tar.gz", "core.{pid}", "export-{date}.json", "heapdump-{date}.hprof")
+
+    def _inject(self, sb) -> None:
+        if not self.params["file"]:
+            name = self.rng.choice(self.STRAYS).format(date=time.strftime("%Y%m%d"),
+                                                         pid=self.rng.randint(1000, 60000))
+            self.params["file"] = name
+        path = f"{self.target.data_dir.rstrip('/')}/{self.params['file']}"
+        self.params["_path"] = path
+        self.params["_mounted"] = True
+        p = shlex.quote(path)
+        self.sh(sb, _mount_tmpfs_script(self.target.data_dir, int(self.params["size_mib"]), self._stage)
+                + f"a=$({_avail_bytes_script(self.target.data_dir)}); fallocate -l $a {p} 2>/dev/null || true\n"
+                + f"dd if=/dev/zero bs=4k of={p} oflag=append conv=notrunc 2>/dev/null || true\n"
+                + f"a=$({_avail_bytes_script(self.target.data_dir)}); [ $a -lt {FULL_BELOW_BYTES} ]\n")
+
+    def is_active(self, sb) -> bool:
+        return self._full(sb)
+
+    def _recover(self, sb) -> None:
+        drop = [self.params["_path"]] if self.params.get("_path") else []
+        self.sh(sb, _unmount_tmpfs_script(self.target.data_dir, self._stage, drop), check=False)
+
+
+_FLOODER = r'''#!/usr/bin/python3
+# Appends debug lines as fast as the disk takes them; never more than CAP bytes in the file.
+import os, sys, time, random
+path, cap, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(os.path.dirname(path), exist_ok=True)
+svc = os.path.basename(path).split(".")[0]
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+while True:
+    size = os.fstat(fd).st_size
+    if size >= cap:
+        time.sleep(0.5)
+        continue
+    t = time.strftime("%Y-%m-%dT%H:%M:%S")
+    line = (f"{t} DEBUG {svc} trace span={random.getrandbits(64):016x} state=retrying "
+            f"payload={'x' * 160}\n").encode()
+    chunk = line * max(1, min(rate // 4, cap - size) // len(line))
+    try:
+        os.write(fd, chunk)
+    except OSError:
+        pass
+    time.sleep(0.25)
+'''
+
+
+@register_fault("log-flood")
+class LogFlood(_FullDisk):
+    category = "resource"
+    needs = ()
+    summary = "a runaway debug logger fills the data dir's filesystem (bounded to size_mib) and keeps writing"
+    defaults = {"size_mib": 48, "rate_mib_s": 16}
+
+    @property
+    def _log(self) -> str:
+        return f"{self.target.data_dir.rstrip('/')}/log/{self.target.service}.debug.log"
+
+    @property
+    def _tool(self) -> str:
+        return f"/usr/local/bin/{self.target.service}-debug-logger"
+
+    def _inject(self, sb) -> None:
+        size = int(self.params["size_mib"]) << 20
+        rate = int(self.params["rate_mib_s"]) << 20
+        self.params["_mounted"] = True
+        self.sh(sb, _mount_tmpfs_script(self.target.data_dir, int(self.params["size_mib"]), self._stage))
+        self.sh(sb, f"cat > {self._tool} && chmod 755 {self._tool}", input=_FLOODER)
+        # Its own transient unit: tmpfs pages count against the writer's cgroup, and the
+        # service's MemoryMax must not be what stops the flood.
+        unit = f"{self.target.service}-debug-logger"
+        self.sh(sb, f"systemctl reset-failed {unit}.service 2>/dev/null; "
+                    f"systemd-run --quiet --collect --unit={unit} -E REMED_FAULT_ID={self.id} "
+                    f"{self._tool} {shlex.quote(self._log)} {size} {rate}")
+        deadline = time.monotonic() + 30
+        while not self._full(sb):
+            if time.monotonic() > deadline:
+                raise FaultError(f"log-flood on {self.target.service}: the filesystem did not fill in 30 s")
+            time.sleep(0.3)
+
+    def is_active(self, sb) -> bool:
+        return bool(self.tagged_pids(sb)) or self._full(sb)
+
+    def _recover(self, sb) -> None:
+        self.kill_tagged(sb)
+        self.sh(sb, f"systemctl stop {self.target.service}-debug-logger.service 2>/dev/null; "
+                    f"rm -f {self._tool}; true", check=False)
+        self.sh(sb, _unmount_tmpfs_script(self.target.data_dir, self._stage, [self._log]), check=False)
+        self.sh(sb, f"rmdir {shlex.quote(self._log.rsplit('/', 1)[0])} 2>/dev/null; true", check=False)
