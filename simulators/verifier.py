@@ -293,3 +293,21 @@ def _disruption(targets: dict[str, ServiceTarget], nodes: dict[int, dict], befor
     # One number to compare remediations by: restarts, plus seconds of observed downtime.
     out["score"] = round(len(restarted) + float(out.get("downtime_s", 0.0)), 2)
     return out
+
+
+# ---- the stored baseline of a sandbox (for the CLI and other processes) -------------------
+
+def baseline_path(sb: Sandbox) -> Path:
+    return sb.record.dir / "baseline.json"
+
+
+def record_baseline(sb: Sandbox, deployment: Any) -> Baseline:
+    """Take the baseline now and keep it beside the sandbox's record."""
+    b = take_baseline(sb, deployment)
+    b.save(baseline_path(sb))
+    return b
+
+
+def stored_baseline(sb: Sandbox) -> Baseline | None:
+    p = baseline_path(sb)
+    return Baseline.load_from(p) if p.exists() else None

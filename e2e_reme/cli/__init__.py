@@ -18,6 +18,9 @@ def _register() -> None:
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
     app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
     app.add_typer(system.app, name="system", help="Microservice systems: list, deploy, status, load.")
+    from . import fault; app.add_typer(fault.app, name="fault", help="Fault catalog: list, inject, status, describe, recover.")
+    from . import verify
+    app.command("verify", help="Judge a sandbox against its baseline: exit 0 success, 1 failure, 2 not judged.")(verify.verify)
 
 
 _register()

@@ -11,8 +11,9 @@ something fixes them.
     injected_faults(sb)       # the faults recorded for this sandbox, from any process
 
 Types (see `fault_catalog()`; `remed fault ls`):
-    resource     cpu-stress, memory-stress, disk-io (MicroRemed), disk-full, log-flood
-    network      network-delay, network-loss (MicroRemed), firewall-drop, wrong-hosts
+    resource     cpu-stress, memory-stress, disk-io (MicroRemed), disk-full, log-flood,
+                 readonly-fs
+    network      network-delay, network-loss (MicroRemed), firewall-drop
     application  pod-fail, config-error (MicroRemed, alias pod-config-error), hung-process,
                  wrong-dependency, port-taken, fd-exhaustion, bad-release
     compound     compound:<a>+<b>, two at once

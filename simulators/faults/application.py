@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import re
 import shlex
-import time
 
 from ..errors import FaultError, FaultUnavailable
-from .base import enforced_limits, register_fault, tagged_pids_script, unit_cgroup_pids_script
+from .base import enforced_limits, register_fault, unit_cgroup_pids_script
 from .network import _DependencyMixin
 from .resource import _Observed
 

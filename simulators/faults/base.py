@@ -231,15 +231,25 @@ class Fault:
     def available(cls, backend: str, report=None) -> tuple[bool, str]:
         return needs_met(cls.needs, backend, report)
 
+    @classmethod
+    def applies_to(cls, target: ServiceTarget, targets: Mapping[str, ServiceTarget] | None = None
+                   ) -> tuple[bool, str]:
+        """Whether this fault type makes sense for this service at all (its kind; a fault
+        acting on a dependency needs one), before any sandbox is asked."""
+        if target.kind not in cls.kinds:
+            return False, (f"{cls.name} applies to {' or '.join(cls.kinds)} services; "
+                           f"{target.service} is {target.kind}")
+        return True, ""
+
     def check(self, sb, report=None) -> None:
         """Raise FaultUnavailable with the reason if the fault cannot be injected here."""
         self._report = report
         ok, why = self.available(sb.backend, report)
         if not ok:
             raise FaultUnavailable(f"{self.name} is not available on {sb.backend} here: {why}")
-        if self.target.kind not in self.kinds:
-            raise FaultUnavailable(f"{self.name} applies to {' or '.join(self.kinds)} services; "
-                                   f"{self.target.service} is {self.target.kind}")
+        ok, why = self.applies_to(self.target, self.targets)
+        if not ok:
+            raise FaultUnavailable(why)
         self._check(sb)
 
     def inject(self, sb, report=None) -> "Fault":

@@ -85,6 +85,14 @@ class Compound(Fault):
             whys.append(f"{c.name} {why}")
         return True, "; ".join(whys)
 
+    @classmethod
+    def applies_to(cls, target, targets=None) -> tuple[bool, str]:
+        for c in cls.part_classes:
+            ok, why = c.applies_to(target, targets)
+            if not ok:
+                return False, why
+        return True, ""
+
     def _check(self, sb) -> None:
         for p in self.parts:
             p.check(sb, self._report)

@@ -1,5 +1,6 @@
-"""Network faults: delay and loss on the service's traffic (MicroRemed's two), a firewall
-rule dropping a dependency's traffic, and a wrong /etc/hosts entry.
+"""Network faults: delay and loss on the service's traffic (MicroRemed's two) and a firewall
+rule dropping a dependency's traffic. (No wrong-/etc/hosts fault: the deployments write
+dependency addresses as IPs, so name resolution plays no part in reaching them.)
 
 "The service's traffic" is what leaves its node on its behalf: its replies (source port =
 its port) and its requests to its dependencies (destination = their address), on the
@@ -15,11 +16,10 @@ act on egress only, as MicroRemed's netem does:
 
 from __future__ import annotations
 
-import ipaddress
 import shlex
 
 from ..errors import FaultError, FaultUnavailable
-from .base import Fault, host_report, needs_met, register_fault
+from .base import needs_met, register_fault
 from .resource import _Observed
 
 
@@ -35,6 +35,13 @@ def _table(prefix: str, service: str) -> str:
 
 class _DependencyMixin:
     """Faults that act on one of the service's dependencies (chosen by seed unless given)."""
+
+    @classmethod
+    def applies_to(cls, target, targets=None) -> tuple[bool, str]:
+        ok, why = super().applies_to(target, targets)
+        if ok and not target.dependencies:
+            return False, f"{cls.name}: {target.service} has no dependencies to act on"
+        return ok, why
 
     def _dependency(self) -> str:
         deps = [d for d in self.target.dependencies if d in self.targets]
@@ -61,6 +68,9 @@ class _Netem(_Observed):
         raise NotImplementedError
 
     def _inject_netem(self, sb) -> None:
+        if self._netem_active(sb):
+            # One root qdisc per interface: a second netem would silently replace the first.
+            raise FaultUnavailable(f"{self.name}: a netem qdisc is already on {self.target.service}'s interfaces")
         t = self.target
         filters = [f"match ip sport {t.port} 0xffff"]
         for d in t.dependencies:
@@ -126,7 +136,9 @@ class NetworkLoss(_Netem):
     def _check(self, sb) -> None:
         mech = self.params["mechanism"]
         if mech == "auto":
-            mech = "netem" if needs_met(("netem",), sb.backend, self._report)[0] else "nftables"
+            # netem where the kernel has it and no other netem (a delay) holds the interface.
+            mech = ("netem" if needs_met(("netem",), sb.backend, self._report)[0] and not self._netem_active(sb)
+                    else "nftables")
         if mech not in ("netem", "nftables"):
             raise FaultError(f"network-loss: mechanism '{mech}' is not netem, nftables or auto")
         ok, why = needs_met((mech,), sb.backend, self._report)
@@ -188,52 +200,3 @@ class FirewallDrop(_DependencyMixin, _Observed):
 
     def _recover(self, sb) -> None:
         self.sh(sb, f"nft delete table inet {self._nft_table} 2>/dev/null; true", check=False)
-
-
-@register_fault("wrong-hosts")
-class WrongHosts(_DependencyMixin, _Observed):
-    category = "network"
-    needs = ()
-    summary = "a wrong /etc/hosts entry for a dependency (only where configs address dependencies by name)"
-    defaults = {"dependency": ""}
-    sections = ("unit", "health", "latency", "metrics", "network", "config", "journal")
-
-    def _configured_host(self, sb, dep: str) -> str:
-        script = ("python3 -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])) or {}; "
-                  "print((c.get(\"dependencies\") or {}).get(sys.argv[2], {}).get(\"host\", \"\"))' "
-                  f"{shlex.quote(self.target.config_path)} {shlex.quote(dep)}")
-        return self.sh(sb, script).stdout.strip()
-
-    def _check(self, sb) -> None:
-        super()._check(sb)
-        dep = self.params["dependency"]
-        host = self._configured_host(sb, dep)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not host:
-                raise FaultUnavailable(f"wrong-hosts: {self.target.config_path} names no address for {dep}")
-            self.params["_name"] = host
-            return
-        raise FaultUnavailable(f"wrong-hosts: {self.target.service}'s config addresses {dep} by IP ({host}), "
-                               "so /etc/hosts plays no part in reaching it")
-
-    def _wrong_ip(self) -> str:
-        # An address of the sandbox's subnet that no node holds: connections time out.
-        net = ipaddress.ip_network(f"{self.target.host}/24", strict=False)
-        return str(net.network_address + 250)
-
-    def _inject(self, sb) -> None:
-        name = self.params["_name"]
-        self.params["_wrong_ip"] = self._wrong_ip()
-        # First match wins in /etc/hosts: put the wrong line on top.
-        self.sh(sb, f"sed -i '1i {self.params['_wrong_ip']} {name}' /etc/hosts")
-
-    def is_active(self, sb) -> bool:
-        res = self.sh(sb, f"getent hosts {shlex.quote(self.params['_name'])}", check=False)
-        return self.params["_wrong_ip"] in res.stdout.split()
-
-    def _recover(self, sb) -> None:
-        if self.params.get("_wrong_ip") and self.params.get("_name"):
-            ip = self.params["_wrong_ip"].replace(".", r"\.")
-            self.sh(sb, f"sed -i '/^{ip}[[:space:]]\\+{self.params['_name']}$/d' /etc/hosts", check=False)

@@ -36,7 +36,7 @@ SECTIONS = ("unit", "health", "latency", "metrics", "journal", "processes", "nod
             "listen", "network", "config", "fds")
 
 _GUEST = r'''
-import json, os, re, socket, subprocess, sys, time, urllib.request, urllib.error
+import json, os, re, socket, subprocess, sys, threading, time, urllib.request, urllib.error
 
 inp = json.load(sys.stdin)
 want = set(inp["sections"])
@@ -146,7 +146,7 @@ def tcp_connect(h, p, timeout=3.0):
     except Exception as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:160], "ms": round((time.monotonic() - t0) * 1000, 1)}
 
-if "unit" in want:
+def _s_unit():
     props = ["ActiveState", "SubState", "Result", "NRestarts", "MainPID", "ExecMainStatus",
              "ExecMainStartTimestamp", "StateChangeTimestamp", "DropInPaths", "CPUQuotaPerSecUSec",
              "MemoryMax", "MemoryCurrent", "LimitNOFILE", "LimitAS", "ExecStart", "FragmentPath"]
@@ -173,13 +173,15 @@ if "unit" in want:
     u["drop_ins"] = drop
     out["unit_state"] = u
 
-if "health" in want:
+def _s_health():
     if kind == "redis" or not inp.get("health_path"):
         out["health"] = redis_ping(host, port)
     else:
         out["health"] = http_get(f"http://{host}:{port}{inp['health_path']}")
 
-if "latency" in want and kind != "redis":
+def _s_latency():
+    if not (kind != "redis"):
+        return
     rtypes = inp.get("request_types") or []
     if not rtypes:
         try:
@@ -188,13 +190,13 @@ if "latency" in want and kind != "redis":
         except Exception:
             rtypes = []
     lat = {}
-    stop_at = time.monotonic() + 6    # a budget for the whole section: slow replies say enough
+    stop_at = time.monotonic() + 3    # a budget for the whole section: slow replies say enough
     for rtype in rtypes[:4]:
         samples, statuses = [], {}
         for _ in range(5):
             if samples and time.monotonic() > stop_at:
                 break
-            r = http_get(f"http://{host}:{port}/{rtype}", timeout=3.5)
+            r = http_get(f"http://{host}:{port}/{rtype}", timeout=3.0)
             samples.append(r["ms"])
             statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
             if r["status"] == 0:
@@ -204,7 +206,9 @@ if "latency" in want and kind != "redis":
                       "statuses": statuses}
     out["latency"] = lat
 
-if "metrics" in want and kind != "redis":
+def _s_metrics():
+    if not (kind != "redis"):
+        return
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=3) as r:
             m = json.loads(r.read())
@@ -216,7 +220,7 @@ if "metrics" in want and kind != "redis":
     except Exception as e:
         out["metrics"] = {"error": f"{type(e).__name__}: {e}"[:160]}
 
-if "journal" in want:
+def _s_journal():
     since = ["--since", f"@{int(inp['since'])}"] if inp.get("since") else []
     txt = sh("journalctl", "-u", unit, *since, "-n", "400", "--no-pager", "-o", "short-iso", timeout=15)
     pat = re.compile(r"error|fail|exception|traceback|refused|denied|timed out|no space|too many open|"
@@ -224,7 +228,7 @@ if "journal" in want:
     lines = [l for l in txt.splitlines() if pat.search(l) and not l.startswith("--")]
     out["journal"] = {"error_lines": lines[-10:], "matching": len(lines)}
 
-if "processes" in want:
+def _s_processes():
     pids = unit_pids(unit)
     main = int(show(unit, ["MainPID"]).get("MainPID") or 0)
     sampled = cpu_sample(pids) if pids else {}
@@ -237,7 +241,7 @@ if "processes" in want:
     out["processes"] = {"count": len(procs), "cpu_pct_total": round(sum(p["cpu_pct"] for p in procs), 1),
                         "rss_mib_total": round(sum(p["rss_mib"] for p in procs), 1), "list": procs[:20]}
 
-if "node" in want:
+def _s_node():
     mem = {}
     for line in open("/proc/meminfo"):
         k, v = line.split(":", 1)
@@ -261,7 +265,7 @@ if "node" in want:
     n["top_memory"] = sorted(rows, key=lambda r: -r["rss_mib"])[:6]
     out["node_stats"] = n
 
-if "disk" in want:
+def _s_disk():
     dd = inp["data_dir"]
     d = {"data_dir": dd}
     df = sh("df", "-B1", "--output=source,fstype,size,used,avail,pcent,target", dd).splitlines()
@@ -270,6 +274,20 @@ if "disk" in want:
         d.update({"filesystem": src, "fstype": fstype, "size_mib": round(int(size) / 2**20, 1),
                   "used_mib": round(int(used) / 2**20, 1), "avail_mib": round(int(avail) / 2**20, 2),
                   "use_pct": pcent, "mounted_on": target})
+    # Only the access mode and atime flags: an overlay's other options name the host's paths.
+    opts = sh("findmnt", "-no", "OPTIONS,TARGET", "-T", dd).split()
+    if opts:
+        d["mount_options"] = ",".join(opts[0].split(",")[:2])
+        d["mount_point"] = opts[-1]
+    probe = os.path.join(dd, ".write-test")
+    try:
+        with open(probe, "w") as f:
+            f.write("x")
+        os.unlink(probe)
+        d["writable"] = True
+    except OSError as e:
+        d["writable"] = False
+        d["write_error"] = e.strerror
     files = []
     for root, dirs, names in os.walk(dd):
         for nm in names:
@@ -299,7 +317,7 @@ if "disk" in want:
     d["open_by"] = list(writers.values())[:8]
     out["disk"] = d
 
-if "listen" in want:
+def _s_listen():
     holders = []
     txt = sh("ss", "-Hltnp", f"sport = :{port}")
     for line in txt.splitlines():
@@ -309,13 +327,14 @@ if "listen" in want:
                 holders.append({"pid": pid, "cmd": cmdline(pid), "unit": unit_of(pid)})
     out["listen"] = {"port": port, "listening": bool(txt.strip()), "holders": holders}
 
-if "network" in want:
+def _s_network():
     qd = [l for l in sh("tc", "qdisc", "show").splitlines() if l.strip()]
     out_net = {"qdiscs": [l for l in qd if " noqueue " not in l and "pfifo_fast" not in l][:12]}
     rs = sh("nft", "list", "ruleset")
     out_net["nft_ruleset"] = [l.rstrip() for l in rs.splitlines() if l.strip()][:40]
     deps = {}
-    for name, a in (inp.get("deps") or {}).items():
+
+    def one(name, a):
         e = {"address": f"{a['host']}:{a['port']}"}
         try:
             e["resolves_to"] = socket.gethostbyname(a["host"])
@@ -327,10 +346,16 @@ if "network" in want:
         else:
             e["health"] = http_get(f"http://{a['host']}:{a['port']}{a.get('health_path') or '/health'}")
         deps[name] = e
-    out_net["dependencies"] = deps
+
+    ts = [threading.Thread(target=one, args=(n, a)) for n, a in (inp.get("deps") or {}).items()]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out_net["dependencies"] = dict(sorted(deps.items()))
     out["network"] = out_net
 
-if "config" in want:
+def _s_config():
     c = {"path": inp["config_path"]}
     try:
         import yaml
@@ -343,7 +368,7 @@ if "config" in want:
         c["error"] = f"{type(e).__name__}: {e}"[:160]
     out["config"] = c
 
-if "fds" in want:
+def _s_fds():
     main = int(show(unit, ["MainPID"]).get("MainPID") or 0)
     f = {"main_pid": main}
     if main:
@@ -356,6 +381,19 @@ if "fds" in want:
             pass
     out["fds"] = f
 
+def _run(name, fn):
+    try:
+        fn()
+    except Exception as e:  # one broken probe must not cost the others
+        out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+
+# Sections run side by side: the slow ones (a second of CPU sampling, requests that time
+# out) then cost the time of the slowest, not their sum.
+threads = [threading.Thread(target=_run, args=(n, globals()["_s_" + n])) for n in ['unit', 'health', 'latency', 'metrics', 'journal', 'processes', 'node', 'disk', 'listen', 'network', 'config', 'fds'] if n in want]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
 print(json.dumps(out))
 '''
 
@@ -422,6 +460,9 @@ def symptoms(facts: dict, target: ServiceTarget) -> list[str]:
         if stopped:
             out.append(f"main process {stopped[0]['pid']} is stopped (state T)")
     d = facts.get("disk") or {}
+    if d.get("writable") is False:
+        out.append(f"{d['data_dir']} is not writable: {d.get('write_error')} (mounted {d.get('mount_options')} "
+                   f"at {d.get('mount_point')})")
     if d.get("use_pct") and d["use_pct"].rstrip("%").isdigit() and int(d["use_pct"].rstrip("%")) >= 95:
         out.append(f"filesystem of {d['data_dir']} ({d.get('mounted_on')}, {d.get('fstype')}) is {d['use_pct']} full, "
                    f"{d.get('avail_mib')} MiB left")

@@ -27,7 +27,7 @@ import shlex
 import time
 
 from ..errors import FaultError, FaultUnavailable
-from .base import Fault, enforced_limits, register_fault, start_detached
+from .base import Fault, register_fault, start_detached
 from .observe import SECTION_KEYS, observe, symptoms
 
 # Below this much free space the data dir's filesystem counts as full: the runtime's
@@ -169,12 +169,14 @@ class DiskIO(_Stressor):
     category = "resource"
     needs = ("cgroup_stress",)
     summary = "IO workers writing and fsyncing in the service's data dir, in its cgroup (MicroRemed: IO saturation)"
-    defaults = {"workers": 2, "bytes_mib": 256, "write_kib": 1024, "max_duration_s": 7200}
+    defaults = {"workers": 0, "bytes_mib": 128, "write_kib": 1024, "max_duration_s": 7200}
     sections = ("unit", "health", "latency", "processes", "node", "disk", "journal")
 
     def _inject(self, sb) -> None:
         # Bounded: the workers rewrite at most bytes_mib each in the data dir, whatever the time.
         dd = shlex.quote(self.target.data_dir)
+        if not self.params["workers"]:
+            self.params["workers"] = 2 * _cpus(self, sb)
         # Large synchronous writes: every write waits for the disk, and so does the
         # service's own fsync behind them (small fsynced writes hardly notice otherwise).
         cmd = (f"stress-ng --keep-name --hdd {int(self.params['workers'])} --hdd-bytes {int(self.params['bytes_mib'])}M "
@@ -235,6 +237,45 @@ class _FullDisk(_Observed):
         out = res.stdout.strip()
         return out.isdigit() and int(out) < FULL_BELOW_BYTES
 
+    # Redis works in its data dir through its cwd, taken at start (CONFIG SET dir is a
+    # protected config in redis 7): a filesystem mounted over the dir later is not where it
+    # writes until it starts again. So for a redis the mount is followed by a restart (its
+    # data saved first, and copied along), and recovery does the same the other way round.
+    def _redis(self, sb, script: str) -> None:
+        if self.target.kind == "redis":
+            self.sh(sb, script.replace("PORT", str(int(self.target.port)))
+                    .replace("UNIT", shlex.quote(self.target.unit)), check=False, timeout=60)
+
+    def _mount(self, sb) -> None:
+        self._redis(sb, "redis-cli -p PORT save >/dev/null")
+        self.sh(sb, _mount_tmpfs_script(self.target.data_dir, int(self.params["size_mib"]), self._stage))
+        # Only what this fault mounted is ever unmounted by its recovery.
+        self.params["_mounted"] = True
+        self._redis(sb, "systemctl restart UNIT; " + _WAIT_PONG)
+
+    def _after_fill(self, sb) -> None:
+        # A save, as redis's own `save` schedule would do, meets the full disk; redis then
+        # refuses writes until a save succeeds (stop-writes-on-bgsave-error).
+        self._redis(sb, "redis-cli -p PORT bgsave >/dev/null; " + _WAIT_BGSAVE)
+
+    def _unmount(self, sb, drop: list[str]) -> None:
+        if not self.params.get("_mounted"):
+            return
+        if drop:
+            self.sh(sb, "rm -f " + " ".join(shlex.quote(p) for p in drop), check=False)
+        self._redis(sb, "redis-cli -p PORT save >/dev/null")
+        self.sh(sb, _unmount_tmpfs_script(self.target.data_dir, self._stage, drop), check=False)
+        self._redis(sb, _REDIS_RESTART)
+
+
+_WAIT_PONG = "for i in $(seq 100); do [ \"$(redis-cli -p PORT ping 2>/dev/null)\" = PONG ] && break; sleep 0.1; done"
+# A redis that cannot save refuses to shut down (and systemd waits 90 s to kill it): its
+# data is saved first where that still works, then it is stopped without saving.
+_REDIS_RESTART = ("redis-cli -p PORT save >/dev/null 2>&1; redis-cli -p PORT shutdown nosave >/dev/null 2>&1; "
+                  "systemctl reset-failed UNIT 2>/dev/null; systemctl restart UNIT; " + _WAIT_PONG)
+_WAIT_BGSAVE = ("for i in $(seq 100); do redis-cli -p PORT info persistence | grep -q 'rdb_bgsave_in_progress:0' "
+                "&& break; sleep 0.1; done")
+
 
 @register_fault("disk-full")
 class DiskFull(_FullDisk):
@@ -250,20 +291,19 @@ class DiskFull(_FullDisk):
                                                          pid=self.rng.randint(1000, 60000))
             self.params["file"] = name
         path = f"{self.target.data_dir.rstrip('/')}/{self.params['file']}"
-        self.params["_path"] = path
-        self.params["_mounted"] = True
         p = shlex.quote(path)
-        self.sh(sb, _mount_tmpfs_script(self.target.data_dir, int(self.params["size_mib"]), self._stage)
-                + f"a=$({_avail_bytes_script(self.target.data_dir)}); fallocate -l $a {p} 2>/dev/null || true\n"
+        self._mount(sb)
+        self.params["_path"] = path
+        self.sh(sb, f"a=$({_avail_bytes_script(self.target.data_dir)}); fallocate -l $a {p} 2>/dev/null || true\n"
                 + f"dd if=/dev/zero bs=4k of={p} oflag=append conv=notrunc 2>/dev/null || true\n"
                 + f"a=$({_avail_bytes_script(self.target.data_dir)}); [ $a -lt {FULL_BELOW_BYTES} ]\n")
+        self._after_fill(sb)
 
     def is_active(self, sb) -> bool:
         return self._full(sb)
 
     def _recover(self, sb) -> None:
-        drop = [self.params["_path"]] if self.params.get("_path") else []
-        self.sh(sb, _unmount_tmpfs_script(self.target.data_dir, self._stage, drop), check=False)
+        self._unmount(sb, [self.params["_path"]] if self.params.get("_path") else [])
 
 
 _FLOODER = r'''#!/usr/bin/python3
@@ -308,8 +348,7 @@ class LogFlood(_FullDisk):
     def _inject(self, sb) -> None:
         size = int(self.params["size_mib"]) << 20
         rate = int(self.params["rate_mib_s"]) << 20
-        self.params["_mounted"] = True
-        self.sh(sb, _mount_tmpfs_script(self.target.data_dir, int(self.params["size_mib"]), self._stage))
+        self._mount(sb)
         self.sh(sb, f"cat > {self._tool} && chmod 755 {self._tool}", input=_FLOODER)
         # Its own transient unit: tmpfs pages count against the writer's cgroup, and the
         # service's MemoryMax must not be what stops the flood.
@@ -322,6 +361,7 @@ class LogFlood(_FullDisk):
             if time.monotonic() > deadline:
                 raise FaultError(f"log-flood on {self.target.service}: the filesystem did not fill in 30 s")
             time.sleep(0.3)
+        self._after_fill(sb)
 
     def is_active(self, sb) -> bool:
         return bool(self.tagged_pids(sb)) or self._full(sb)
@@ -330,5 +370,36 @@ class LogFlood(_FullDisk):
         self.kill_tagged(sb)
         self.sh(sb, f"systemctl stop {self.target.service}-debug-logger.service 2>/dev/null; "
                     f"rm -f {self._tool}; true", check=False)
-        self.sh(sb, _unmount_tmpfs_script(self.target.data_dir, self._stage, [self._log]), check=False)
+        self._unmount(sb, [self._log])
         self.sh(sb, f"rmdir {shlex.quote(self._log.rsplit('/', 1)[0])} 2>/dev/null; true", check=False)
+
+
+@register_fault("readonly-fs")
+class ReadonlyFs(_FullDisk):
+    category = "resource"
+    needs = ()
+    summary = "the service's data dir is on a read-only mount (as after a filesystem error remounted it ro)"
+    defaults = {}
+
+    def _inject(self, sb) -> None:
+        d = shlex.quote(self.target.data_dir)
+        # A read-only bind of the dir onto itself: the same files, writes refused (EROFS).
+        self._redis(sb, "redis-cli -p PORT save >/dev/null")
+        self.sh(sb, f"test -d {d} && ! mountpoint -q {d} && mount --bind {d} {d} && mount -o remount,bind,ro {d}")
+        self.params["_mounted"] = True
+        self._redis(sb, "systemctl restart UNIT; " + _WAIT_PONG)
+        self._after_fill(sb)
+
+    def is_active(self, sb) -> bool:
+        d = shlex.quote(self.target.data_dir)
+        res = self.sh(sb, f"findmnt -no OPTIONS -T {d} | cut -d, -f1", check=False)
+        return res.stdout.strip() == "ro"
+
+    def _recover(self, sb) -> None:
+        if not self.params.get("_mounted"):
+            return
+        d = shlex.quote(self.target.data_dir)
+        self._redis(sb, "redis-cli -p PORT save >/dev/null 2>&1")
+        self.sh(sb, f"mountpoint -q {d} && umount {d} 2>/dev/null || umount -l {d} 2>/dev/null; true", check=False)
+        self._redis(sb, _REDIS_RESTART)
+

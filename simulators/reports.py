@@ -1,0 +1,208 @@
+"""Diagnosis reports: what a policy is told about an incident.
+
+Built from live observations (a short burst of the standard load through the entry, each
+service's /metrics before and after it, unit states, the target's journal, the call graph)
+and, at the most detailed level, from the injected fault's `describe()` (observed facts,
+never how the fault was made). Three levels of detail, as the issue asks:
+
+    full       service + category + fault kind + evidence (+ symptoms); the expert
+               runbook's input (`report.runbook_input()`)
+    symptoms   service + symptoms: which service looks wrong and what is seen, not why
+    minimal    symptoms only: what the monitoring shows system-wide; no service is named
+
+Every level carries the topology (the call graph, which node runs which service and the
+inventory host names), which an SRE would know anyway.
+
+The report never leaks the harness: words that only the injector would use are replaced
+(`_scrub`), and a test checks every fault type's report for them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from .probe import probe_all
+from .sandbox import Sandbox
+
+LEVELS = ("full", "symptoms", "minimal")
+
+# Words that would reveal the harness rather than the incident, and neutral replacements.
+_LEAKS = [
+    (re.compile(r"stress-ng(-[a-z]+)?", re.I), "a busy worker process"),
+    (re.compile(r"\bremed[-_]chaos[-_\w]*", re.I), "an extra unit"),
+    (re.compile(r"\bchaos\b", re.I), "extra"),
+    (re.compile(r"\binject(ed|or|ion)?\b", re.I), "introduced"),
+]
+LEAK_WORDS = ("stress-ng", "chaos", "inject")
+
+
+def _scrub(obj: Any) -> Any:
+    if isinstance(obj, str):
+        for pat, repl in _LEAKS:
+            obj = pat.sub(repl, obj)
+        return obj
+    if isinstance(obj, dict):
+        return {_scrub(k): _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class DiagnosisReport:
+    system: str
+    level: str
+    symptoms: tuple[str, ...]
+    observations: dict                       # entry load figures; per-service metrics deltas and unit state
+    call_graph: dict[str, list[str]]
+    placement: dict[str, list[str]]          # inventory host -> services
+    service: str | None = None               # full, symptoms
+    category: str | None = None              # full
+    fault_kind: str | None = None            # full
+    evidence: dict = field(default_factory=dict)     # full
+    target: dict | None = None               # full, symptoms: where the service lives
+    logs: tuple[str, ...] = ()               # full, symptoms: the service's recent error lines
+    created_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def runbook_input(self) -> dict:
+        """The expert runbook's input (simulators.runbook); only a full report has it."""
+        if self.level != "full" or not self.target:
+            raise ValueError(f"the runbook needs a full report, not '{self.level}'")
+        return {"service": self.service, "fault_kind": self.fault_kind, **self.target,
+                "evidence": self.evidence}
+
+    def to_text(self) -> str:
+        lines = [f"Incident in system {self.system}."]
+        if self.service:
+            lines.append(f"Affected service: {self.service}"
+                         + (f" on host {self.target['node']} (unit {self.target['unit']}, port "
+                            f"{self.target['port']})" if self.target else "") + ".")
+        if self.category:
+            lines.append(f"Failure category: {self.category} ({self.fault_kind}).")
+        lines.append("Symptoms:")
+        lines += [f"- {s}" for s in self.symptoms] or ["- none observed"]
+        if self.evidence:
+            lines.append("Evidence:")
+            lines.append(json.dumps(self.evidence, indent=1, default=str)[:4000])
+        if self.logs:
+            lines.append("Recent log lines of the service:")
+            lines += [f"  {l}" for l in self.logs]
+        lines.append("Topology (host: services): " + "; ".join(
+            f"{h}: {', '.join(s)}" for h, s in self.placement.items()))
+        lines.append("Call graph: " + "; ".join(f"{a} -> {', '.join(b)}" for a, b in self.call_graph.items() if b))
+        return "\n".join(lines)
+
+
+def _metrics_safe(target) -> dict | None:
+    from .systems.deploy import metrics
+    if target.kind != "http":
+        return None
+    try:
+        return metrics(target, timeout=2.0)
+    except Exception:
+        return None
+
+
+def observe_system(sb: Sandbox, deployment: Any, window_s: float = 3.0) -> dict:
+    """A short burst of the standard load, with each service's counters around it."""
+    from .systems.loadgen import run_load
+    targets = deployment.targets
+    before = {n: _metrics_safe(t) for n, t in targets.items()}
+    load = run_load(deployment, window_s=window_s, timeout_s=3.0)
+    after = {n: _metrics_safe(t) for n, t in targets.items()}
+    facts = probe_all(sb, targets)
+    services = {}
+    for name, t in targets.items():
+        unit = ((facts.get(t.node) or {}).get("services") or {}).get(t.unit, {})
+        b, a = before[name], after[name]
+        entry = {"unit": unit.get("active"), "sub": unit.get("sub"), "restarts": unit.get("restarts")}
+        if a is None:
+            entry["metrics"] = "unavailable" if t.kind == "http" else "n/a"
+        else:
+            req = a["requests"] - (b or {}).get("requests", 0)
+            err = a["errors"] - (b or {}).get("errors", 0)
+            lat = a.get("latency_ms", {})
+            entry.update(requests=req, errors=err,
+                         mean_latency_ms=round(lat.get("sum", 0) / lat["count"], 1) if lat.get("count") else None)
+        services[name] = entry
+    return {"window_s": window_s, "entry": deployment.entry.service,
+            "load": {"sent": load.sent, "success_rate": round(load.success_rate, 3),
+                     "p95_ms": round(load.p95_ms, 1), "errors": load.errors},
+            "slo": {"success_rate": deployment.slo.success_rate, "p95_ms": deployment.slo.p95_ms},
+            "services": services}
+
+
+def _symptoms(obs: dict, name_services: bool) -> list[str]:
+    out = []
+    load, slo = obs["load"], obs["slo"]
+    failed = 1 - load["success_rate"]
+    if failed > 0:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(load["errors"].items(), key=lambda kv: -kv[1])[:3])
+        out.append(f"{failed:.0%} of requests to the entry ({obs['entry']}) failed over {obs['window_s']:.0f} s ({kinds})")
+    if load["p95_ms"] > slo["p95_ms"]:
+        out.append(f"p95 latency at the entry is {load['p95_ms']:.0f} ms (SLO {slo['p95_ms']:.0f} ms)")
+    if not name_services:
+        down = sum(1 for s in obs["services"].values() if s["unit"] not in ("active", None))
+        if down:
+            out.append(f"{down} service(s) are not running")
+        return out
+    for name, s in obs["services"].items():
+        if s["unit"] not in ("active", None):
+            out.append(f"{name}: unit is {s['unit']} ({s['sub']})")
+        elif s.get("metrics") == "unavailable":
+            out.append(f"{name}: does not answer its metrics endpoint")
+        elif s.get("errors"):
+            out.append(f"{name}: {s['errors']} of {s['requests']} requests failed")
+        if s.get("mean_latency_ms") and s["mean_latency_ms"] > obs["slo"]["p95_ms"] / 2:
+            out.append(f"{name}: mean latency {s['mean_latency_ms']:.0f} ms")
+    return out
+
+
+def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str = "full",
+                 window_s: float = 3.0) -> DiagnosisReport:
+    """Observe the live system and write the report at the given level of detail.
+    `faults` are the injected faults (one, or the parts of a compound)."""
+    if level not in LEVELS:
+        raise ValueError(f"report level '{level}': use one of {', '.join(LEVELS)}")
+    faults = list(faults)
+    obs = observe_system(sb, deployment, window_s)
+    call_graph = {n: list(t.dependencies) for n, t in deployment.targets.items()}
+    placement: dict[str, list[str]] = {}
+    for n, t in deployment.targets.items():
+        placement.setdefault(sb.nodes[t.node].name, []).append(n)
+    common = dict(system=deployment.system, level=level, observations=obs, call_graph=call_graph,
+                  placement=placement, created_at=time.time())
+    if level == "minimal" or not faults:
+        return DiagnosisReport(symptoms=tuple(_scrub(_symptoms(obs, False))), **common)
+    primary = faults[0]
+    t = primary.target
+    target = {"node": sb.nodes[t.node].name, "unit": t.unit, "config_path": t.config_path,
+              "data_dir": t.data_dir, "port": t.port, "kind": t.kind, "health_path": t.health_path,
+              "dependencies": {d: {"host": deployment.targets[d].host, "port": deployment.targets[d].port,
+                                   "kind": deployment.targets[d].kind}
+                               for d in t.dependencies if d in deployment.targets}}
+    logs = _journal(sb, t)
+    report = dict(common, symptoms=tuple(_scrub(_symptoms(obs, True))), service=t.service,
+                  target=target, logs=tuple(_scrub(logs)))
+    if level == "full":
+        evidence = primary.describe(sb)
+        report.update(category=primary.category, fault_kind=primary.name, evidence=_scrub(evidence))
+    return DiagnosisReport(**report)
+
+
+def _journal(sb: Sandbox, t, lines: int = 5) -> list[str]:
+    # The runtime logs to stdout (journal priority info), so filter by wording, not priority.
+    res = sb.exec(f"journalctl -u {t.unit} -n 200 --no-pager -o short-iso 2>/dev/null "
+                  "| grep -iE 'error|fail|refused|denied|killed|timeout|timed out|exited' | tail -n {lines}",
+                  node=t.node, timeout=15)
+    return [l for l in res.stdout.splitlines() if l.strip()][-lines:]
