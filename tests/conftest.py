@@ -31,5 +31,7 @@ def sb_name():
 def no_leaked_sandboxes():
     before = {r.name for r in list_sandboxes()}
     yield
-    leaked = [r.name for r in list_sandboxes() if r.name.startswith("pt-") and r.name not in before]
+    # Ours: owned by this process, or detached ones the CLI tests made; not another run's.
+    leaked = [r.name for r in list_sandboxes() if r.name.startswith("pt-") and r.name not in before
+              and r.owner_pid in (None, os.getpid())]
     assert not leaked, f"tests leaked sandboxes: {leaked} (run `remed sandbox gc`)"

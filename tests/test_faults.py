@@ -370,7 +370,7 @@ def test_describe_reports_observations_not_the_injection(m):
         text = json.dumps(d).lower()
         assert d["service"] == "hello-service" and d["node"] == "n0" and d["symptoms"]
         assert any(not p["main"] and p["cpu_pct"] > 5 for p in d["processes"]["list"])
-        for word in ("inject", "fault", "remed_fault_id", f.id):
+        for word in ("inject", "fault", "run_trace_id", f.id):
             assert word not in text
     finally:
         f.recover(m.sb)

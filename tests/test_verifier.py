@@ -7,6 +7,7 @@ fresh baseline (a reset reboots an nspawn node), injects CPU stress into time-se
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ TARGET = "time-service"
 
 @pytest.fixture(scope="module")
 def env(image, tmp_path_factory):
-    with create_sandbox("nspawn", nodes=1, name="pt-verifier") as sb:
+    with create_sandbox("nspawn", nodes=1, name=f"pt-verifier-{secrets.token_hex(2)}") as sb:
         dep = deploy(sb, "simple-micro")
         sb.checkpoint()
         wait_healthy(sb, dep)

@@ -15,7 +15,7 @@ import re
 import shlex
 
 from ..errors import FaultError, FaultUnavailable
-from .base import enforced_limits, register_fault, unit_cgroup_pids_script
+from .base import TAG, enforced_limits, register_fault, unit_cgroup_pids_script
 from .network import _DependencyMixin
 from .resource import _Observed
 
@@ -302,7 +302,7 @@ class PortTaken(_Observed):
         t = self.target
         u = shlex.quote(t.unit)
         self.sh(sb, f"systemctl stop {u}; "
-                    f"systemd-run --quiet --collect -E REMED_FAULT_ID={self.id} "
+                    f"systemd-run --quiet --collect -E {TAG}={self.id} "
                     f"python3 -m http.server {t.port} --bind 0.0.0.0 --directory /var/tmp; "
                     f"for i in $(seq 50); do ss -Hltn 'sport = :{t.port}' | grep -q . && break; sleep 0.1; done; "
                     f"ss -Hltn 'sport = :{t.port}' | grep -q . || {{ echo 'the squatter did not listen' >&2; exit 4; }}; "

@@ -18,9 +18,9 @@ The public `inject()` / `recover()` wrap the hooks: availability first, then the
 the faults of a sandbox and rebuild them with `injected_faults(sb)` to re-check
 `is_active` from the sandbox itself.
 
-Processes a fault starts carry `REMED_FAULT_ID=<id>` in their environment: that is how its
-ground truth finds them again (whoever restarts, renames or moves them), and it is not
-something a monitoring system shows.
+Processes a fault starts carry `RUN_TRACE_ID=<id>` in their environment: that is how its
+ground truth finds them again (whoever renames or moves them), it is not something a
+monitoring system shows, and its name says nothing about faults to a policy that looks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ..systems.target import ServiceTarget
 
 CATEGORIES = ("resource", "network", "application")
 COMPOUND_PREFIX = "compound:"
-TAG = "REMED_FAULT_ID"
+TAG = "RUN_TRACE_ID"
 
 _CATALOG: dict[str, type["Fault"]] = {}
 _ALIASES: dict[str, str] = {}

@@ -32,11 +32,11 @@ def compound_class(name: str) -> type["Compound"]:
     if key[0] == key[1]:
         raise UnknownFault(f"'{name}': the two parts must differ")
     if key not in _CLASSES:
-        cats = {c.category for c in classes}
+        cats = list(dict.fromkeys(c.category for c in classes))
         _CLASSES[key] = type(f"Compound_{key[0]}_{key[1]}".replace("-", "_"), (Compound,), {
             "name": COMPOUND_PREFIX + "+".join(key),
             "part_classes": tuple(classes),
-            "category": classes[0].category if len(cats) == 1 else "compound",
+            "category": "+".join(cats),           # e.g. "resource+network"
             "needs": tuple(n for c in classes for n in c.needs),
             "kinds": tuple(k for k in classes[0].kinds if k in classes[1].kinds),
             "defaults": {},
@@ -146,6 +146,9 @@ class Compound(Fault):
                 errors.append(f"{p.name}: {e}")
         if errors:
             raise FaultError(f"{self.name}: recovery failed: {'; '.join(errors)}")
+
+    def public_params(self) -> dict:
+        return {p.name: p.public_params() for p in self.parts}
 
     def to_record(self) -> dict:
         rec = super().to_record()

@@ -27,7 +27,7 @@ import shlex
 import time
 
 from ..errors import FaultError, FaultUnavailable
-from .base import Fault, register_fault, start_detached
+from .base import TAG, Fault, register_fault, start_detached
 from .observe import SECTION_KEYS, observe, symptoms
 
 # Below this much free space the data dir's filesystem counts as full: the runtime's
@@ -121,7 +121,7 @@ class MemoryStress(_Stressor):
         workers = max(1, int(self.params["workers"]))
         self.params["_effective_mib"] = mib
         # stress-ng shares --vm-bytes out among the workers.
-        cmd = (f"systemd-run --quiet --collect -E REMED_FAULT_ID={self.id} "
+        cmd = (f"systemd-run --quiet --collect -E {TAG}={self.id} "
                f"stress-ng --vm {workers} --vm-bytes {mib}M --vm-keep --keep-name "
                f"--timeout {int(self.params['max_duration_s'])}s --quiet")
         self.sh(sb, cmd)
@@ -354,7 +354,7 @@ class LogFlood(_FullDisk):
         # service's MemoryMax must not be what stops the flood.
         unit = f"{self.target.service}-debug-logger"
         self.sh(sb, f"systemctl reset-failed {unit}.service 2>/dev/null; "
-                    f"systemd-run --quiet --collect --unit={unit} -E REMED_FAULT_ID={self.id} "
+                    f"systemd-run --quiet --collect --unit={unit} -E {TAG}={self.id} "
                     f"{self._tool} {shlex.quote(self._log)} {size} {rate}")
         deadline = time.monotonic() + 30
         while not self._full(sb):
