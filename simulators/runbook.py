@@ -274,7 +274,7 @@ def _fix_dropins(r: RunbookInput, ev: Mapping[str, Any], is_bad: Callable[[str],
         else:
             keys = "|".join(PATHOLOGICAL)
             script = (f"d=/etc/systemd/system/{r.unit}.d; [ -d $d ] || exit 0\n"
-                      f"python3 - $d <<'EOF'\n{_DROPIN_SWEEP}\nEOF\n")
+                      f"python3 - $d <<'EOF'\n{_DROPIN_SWEEP.strip()}\nEOF\n")
         tasks.append(_shell(f"Remove pathological {keys} settings from {r.unit}'s drop-ins", script,
                             register="swept", changed_when="swept.stdout != ''"))
     return tasks
@@ -332,11 +332,19 @@ def _memory_stress(r: RunbookInput, ev) -> list[dict]:
         hogs = [p for p in top if p.get("rss_mib", 0) >= 128 and p.get("unit") != r.unit]
     if hogs:
         return _stop_processes(r, hogs, "memory hog")
-    # Nothing observed: stop whatever holds more than 256 MiB outside the service and sshd.
+    # Nothing observed: stop whatever holds more than 256 MiB outside the service and sshd,
+    # by its unit where it has one (a worker pool respawns a single killed worker).
     return [_shell("Stop the processes holding most of the node's memory",
                    "for p in $(ps -eo pid=,rss= --sort=-rss | awk '$2 > 262144 {print $1}'); do\n"
-                   f"  grep -qE '{r.unit}|ssh' /proc/$p/cgroup 2>/dev/null || kill -KILL $p\n"
-                   "done; true")]
+                   "  [ -d /proc/$p ] || continue   # went with a unit stopped before it\n"
+                   "  cg=$(grep -m1 -E '^0::|name=systemd:' /proc/$p/cgroup 2>/dev/null | cut -d: -f3)\n"
+                   "  u=${cg##*/}\n"
+                   f"  case \"$u\" in {r.unit}|ssh.service|init.scope|systemd-*) continue ;; esac\n"
+                   "  case \"$u\" in\n"
+                   "    *.service|*.scope) systemctl stop \"$u\" && echo \"$u\" ;;\n"
+                   "    *) kill -KILL $p 2>/dev/null && echo $p ;;\n"
+                   "  esac\n"
+                   "done; true", register="hogs", changed_when="hogs.stdout != ''")]
 
 
 def _netem(r: RunbookInput, ev) -> list[dict]:
@@ -371,7 +379,7 @@ for item in rs.get("nftables", []):
 
 def _nft_delete(r: RunbookInput, mode: str, deps: list[tuple[str, int]], name: str) -> dict:
     arg = json.dumps([[h, p] for h, p in deps])
-    return _shell(name, f"python3 - {mode} {r.port} '{arg}' <<'EOF'\n{_NFT_DELETE}\nEOF",
+    return _shell(name, f"python3 - {mode} {r.port} '{arg}' <<'EOF'\n{_NFT_DELETE.strip()}\nEOF",
                   register="nft", changed_when="nft.stdout != ''")
 
 
@@ -452,7 +460,7 @@ if changed:
 def _wrong_dependency(r: RunbookInput, ev) -> list[dict]:
     good = {n: {k: a[k] for k in ("host", "port") if k in a} for n, a in r.dependencies.items()}
     return [_shell(f"Put the known-good dependency addresses back into {r.config_path}",
-                   f"python3 - {r.config_path} '{json.dumps(good)}' <<'EOF'\n{_REWRITE_DEPS}\nEOF",
+                   f"python3 - {r.config_path} '{json.dumps(good)}' <<'EOF'\n{_REWRITE_DEPS.strip()}\nEOF",
                    register="config", changed_when="config.stdout != ''")] + _restart(r)
 
 

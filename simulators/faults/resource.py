@@ -1,5 +1,5 @@
-"""Resource faults: CPU, memory and IO saturation (MicroRemed's three), a full disk and a
-log flood.
+"""Resource faults: CPU, memory and IO saturation (MicroRemed's three), a full disk, a log
+flood and a read-only data filesystem.
 
 Where the stressors run, and why:
 - cpu-stress and disk-io start their workers *inside the service's cgroup* (as a chaos
@@ -13,7 +13,12 @@ Where the stressors run, and why:
   misses and CPU (the workers rewrite their pages continuously).
 - disk-full and log-flood fill the filesystem the data dir lives on, bounded: a tmpfs of
   `size_mib` is mounted over the data dir (its contents copied in first), so a filler
-  never reaches the host's disk (an nspawn node's overlay lives on it).
+  never reaches the host's disk (an nspawn node's overlay lives on it). readonly-fs binds
+  the data dir read-only onto itself. For a redis these come with a restart (redis keeps
+  its dir as its cwd) and a save that fails, after which redis refuses writes.
+- memory-stress caps its worker at what the node has available less `reserve_mib`: a VM
+  asked for more than it has thrashes its sshd to a halt; an nspawn node's memory is the
+  host's, so there the fault refuses unless the host keeps 2 GiB beyond the worker.
 
 Note for nspawn on a cgroup-v1 host (this one): the container's cgroup controllers are
 read-only, so no CPUQuota/MemoryMax is enforced there; the stressors still compete for
