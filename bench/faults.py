@@ -24,7 +24,7 @@ from rich.table import Table
 
 from e2e_reme.simulators import create_sandbox
 from e2e_reme.simulators.ansible import run_playbook
-from e2e_reme.simulators.faults import fault_available, fault_catalog, make_fault
+from e2e_reme.simulators.faults import fault_available, fault_catalog, forget_faults, get_fault, make_fault
 from e2e_reme.simulators.reports import build_report
 from e2e_reme.simulators.runbook import expert_playbook
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
@@ -60,9 +60,12 @@ def bench_faults(system: str, faults: list[str], target: str | None, runs: int, 
         dep = deploy(sb, system)
         sb.checkpoint()
         inv = sb.write_inventory(Path(tmp) / "hosts.yaml")
-        svc = target or next(n for n, t in dep.targets.items() if t.kind == "http" and t.dependents)
+        # Default: an http service that calls others (every fault type applies to it).
+        svc = target or next(n for n, t in dep.targets.items() if t.kind == "http" and t.dependencies)
         for fault in faults:
             ok, why = fault_available(fault, "nspawn")
+            if ok:
+                ok, why = get_fault(fault).applies_to(dep.targets[svc], dep.targets)
             if not ok:
                 out[fault] = {"skipped": why}
                 continue
@@ -71,6 +74,7 @@ def bench_faults(system: str, faults: list[str], target: str | None, runs: int, 
             for r in range(runs):
                 console.log(f"{fault} run {r + 1}/{runs}")
                 sb.reset()
+                forget_faults(sb)   # the reset discarded them with the node
                 wait_healthy(sb, dep)
                 baseline = take_baseline(sb, dep)
                 f = make_fault(fault, dep.targets[svc], dep.targets, seed=r)
