@@ -176,6 +176,28 @@ def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_F
     `probe_all()` taken just before the remediation, so that disruption counts only what
     the remediation did (the fault itself may have restarted a service)."""
     t0 = time.monotonic()
+    faults = list(faults)
+    for attempt in range(2):
+        try:
+            return _judge(sb, deployment, baseline, faults, seed_check, load_check,
+                          probe_downtime, before, t0)
+        except SandboxError as e:
+            # A remediation may still be tearing things down after its playbook returned
+            # (a detached `kill -9 -1`, a delayed restart of sshd): wait for the nodes to
+            # answer and judge the settled state once more.
+            why = str(e)
+            sb._close_ssh()
+            try:
+                sb.wait_ready(timeout=30)
+            except SandboxError as e2:
+                why = str(e2)
+                break
+    return Verdict(False, False, (), {}, round(time.monotonic() - t0, 3),
+                   reason=f"the sandbox did not answer while being judged, cannot judge: {why}")
+
+
+def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downtime, before,
+           t0) -> Verdict:
     targets: dict[str, ServiceTarget] = deployment.targets
     nodes = probe_all(sb, targets)
     if any(facts is None for facts in nodes.values()):
@@ -218,6 +240,8 @@ def _check_faults(sb: Sandbox, faults: Iterable[_Fault]) -> Check:
     for f in faults:
         try:
             active[f.name] = bool(f.is_active(sb))
+        except SandboxError:
+            raise   # the node is not answering: judge again once it does
         except Exception as e:  # a ground truth we cannot read is not a fix
             active[f.name] = f"unknown: {e}"
     still = [n for n, a in active.items() if a is not False]
