@@ -44,24 +44,13 @@ $(VENV)/.installed: pyproject.toml | system-packages
 image: setup
 	@$(REMED) image build
 
+# The main job: MicroRemed's easy suite with the expert runbook on local nspawn sandboxes.
+# Rerunning resumes (finished episodes are kept in runs/demo) and prints the table again.
+DEMO_ARGS ?= --system simple-micro --suite easy --policy runbook --backend nspawn --parallel 2 --seed 0 --out runs/demo
 demo: image
 	@$(REMED) doctor
-	@bash -c 'set -euo pipefail; name=demo-$$$$; \
-	  trap "$(REMED) sandbox down $$name >/dev/null 2>&1 || true" EXIT; \
-	  echo "+ remed sandbox up --backend nspawn --nodes 2 --name $$name"; \
-	  $(REMED) sandbox up --backend nspawn --nodes 2 --name $$name; \
-	  for i in 0 1; do \
-	    echo "+ remed sandbox exec $$name --node $$i -- sh -c \"hostname; hostname -I; systemctl is-system-running\""; \
-	    $(REMED) sandbox exec $$name --node $$i -- sh -c "hostname; hostname -I; systemctl is-system-running"; \
-	  done; \
-	  echo "+ remed sandbox exec $$name -- touch /root/changed; remed sandbox reset $$name"; \
-	  $(REMED) sandbox exec $$name -- touch /root/changed; \
-	  $(REMED) sandbox reset $$name; \
-	  echo "+ remed sandbox exec $$name -- ls /root/changed   (gone after the reset)"; \
-	  $(REMED) sandbox exec $$name -- ls /root/changed || true; \
-	  echo "+ remed sandbox down $$name"; \
-	  $(REMED) sandbox down $$name; trap - EXIT; \
-	  echo "+ remed sandbox ls"; $(REMED) sandbox ls'
+	@echo "+ remed bench $(DEMO_ARGS)"
+	@$(REMED) bench $(DEMO_ARGS)
 
 test: image
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)

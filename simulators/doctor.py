@@ -349,10 +349,17 @@ def _mechanisms(c: dict[str, Check], backends: dict[str, Usable]) -> dict[str, d
                   if _ok(c, NFTABLES) else
                   Usable(False, f"containers share the host kernel; {_why_not(c, NFTABLES)}"))
     systemd = Usable(True, "systemd in the guest sets CPUQuota/MemoryMax; stress runs inside")
+    # In a container on a v1/hybrid host the guest's cgroup controllers are read-only:
+    # systemd accepts CPUQuota/MemoryMax but nothing enforces them (config-error falls back
+    # to LimitAS, which the kernel enforces per process).
+    unified = CGROUP in c and c[CGROUP].detail.startswith("v2")
+    systemd_nspawn = systemd if unified else Usable(
+        True, "stress runs inside the service's cgroup; CPUQuota/MemoryMax are NOT enforced in a "
+              "container on this cgroup-v1 host (config-error uses LimitAS instead)")
     return {
         "netem": per_backend(netem_nspawn, Usable(True, f"{guest_kernel}, with netem")),
         "nftables": per_backend(nft_nspawn, Usable(True, f"{guest_kernel}, with nftables")),
-        "cgroup_stress": per_backend(systemd, systemd),
+        "cgroup_stress": per_backend(systemd_nspawn, systemd),
     }
 
 

@@ -68,3 +68,13 @@ class UnknownFault(FaultError):
 class FaultUnavailable(FaultError):
     """The fault cannot run here (a missing mechanism, a target it does not apply to); the
     message gives the reason."""
+
+
+class PlaybookParseError(ValueError):
+    """Model output that is not a usable playbook. `error_class` names the kind
+    ("InvalidYaml", "NotAPlaybook") for the execution pipeline's outcome; `reason` is one line."""
+
+    def __init__(self, error_class: str, reason: str):
+        super().__init__(f"{error_class}: {reason}")
+        self.error_class = error_class
+        self.reason = reason

@@ -168,6 +168,43 @@ def _symptoms(obs: dict, name_services: bool) -> list[str]:
     return out
 
 
+def target_info(sb: Sandbox, deployment: Any, service: str) -> dict:
+    """Where a service lives, as a full or symptoms report tells it (the runbook's input)."""
+    t = deployment.targets[service]
+    return {"node": sb.nodes[t.node].name, "unit": t.unit, "config_path": t.config_path,
+            "data_dir": t.data_dir, "port": t.port, "kind": t.kind, "health_path": t.health_path,
+            "dependencies": {d: {"host": deployment.targets[d].host, "port": deployment.targets[d].port,
+                                 "kind": deployment.targets[d].kind}
+                             for d in t.dependencies if d in deployment.targets}}
+
+
+def add_noise(report: DiagnosisReport, sb: Sandbox, deployment: Any, rng) -> tuple[DiagnosisReport, dict | None]:
+    """A wrong diagnosis, as a real one sometimes is: the report names another service (its
+    location too), or, at the full level, another failure kind of another category. Return
+    the noised report and what was changed (None where the level names nothing to change)."""
+    from dataclasses import replace
+    from .faults.base import fault_catalog
+    if report.service is None:
+        return report, None
+    options = ["service"] + (["kind"] if report.level == "full" and report.fault_kind else [])
+    what = rng.choice(options)
+    if what == "service":
+        others = sorted(n for n in deployment.targets if n != report.service)
+        if not others:
+            what = "kind" if "kind" in options else None
+        else:
+            wrong = rng.choice(others)
+            return (replace(report, service=wrong, target=target_info(sb, deployment, wrong)),
+                    {"field": "service", "true": report.service, "reported": wrong})
+    if what == "kind":
+        catalog = fault_catalog()
+        kinds = sorted(n for n, c in catalog.items() if c.category != report.category)
+        wrong = rng.choice(kinds)
+        return (replace(report, fault_kind=wrong, category=catalog[wrong].category),
+                {"field": "fault_kind", "true": report.fault_kind, "reported": wrong})
+    return report, None
+
+
 def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str = "full",
                  window_s: float = 3.0) -> DiagnosisReport:
     """Observe the live system and write the report at the given level of detail.
@@ -186,11 +223,7 @@ def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str
         return DiagnosisReport(symptoms=tuple(_scrub(_symptoms(obs, False))), **common)
     primary = faults[0]
     t = primary.target
-    target = {"node": sb.nodes[t.node].name, "unit": t.unit, "config_path": t.config_path,
-              "data_dir": t.data_dir, "port": t.port, "kind": t.kind, "health_path": t.health_path,
-              "dependencies": {d: {"host": deployment.targets[d].host, "port": deployment.targets[d].port,
-                                   "kind": deployment.targets[d].kind}
-                               for d in t.dependencies if d in deployment.targets}}
+    target = target_info(sb, deployment, t.service)
     logs = _journal(sb, t)
     report = dict(common, symptoms=tuple(_scrub(_symptoms(obs, True))), service=t.service,
                   target=target, logs=tuple(_scrub(logs)))

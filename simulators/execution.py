@@ -1,0 +1,442 @@
+"""From a model's answer to an executed playbook, one recorded stage at a time.
+
+A policy answers with text; what runs against the sandbox is whatever playbook that text
+holds, if it holds one, if it is safe, if Ansible accepts it. Each of those is a stage,
+and the outcome says which stage an answer reached and why it stopped there, as data:
+
+    extract      the YAML out of the text: the first ```yaml / ```yml / ``` block that
+                 parses as a list of plays, else the whole text if it does (a leading
+                 <think>...</think> is skipped)                              NoYaml
+    parse        yaml.safe_load, a non-empty list of mappings        InvalidYaml, NotAPlaybook
+    gate         simulators.gate.check_playbook (the safety rules)          GateViolation
+    syntax       ansible-playbook --syntax-check: unknown modules, bad keywords
+                                                                            SyntaxCheckFailed
+    execute      simulators.ansible.run_playbook under a timeout
+                                                       ExecutionFailed, Timeout, Unreachable
+    idempotence  (check_idempotence=True) a second run changes nothing      NotIdempotent
+
+`InternalError` marks a failure of ours (no ansible-playbook, an unwritable workdir,
+ansible-runner refusing its inputs), not of the playbook: a reward must not count it
+against the policy. Nothing here raises for a bad answer.
+
+    out = run_pipeline(text, inventory=inv, inventory_hosts=["n0"], workdir=d, timeout_s=120)
+    out.stage, out.ok, out.error_class, out.reason     # "execute", False, "ExecutionFailed", "..."
+    out.summary()                                      # what a multi-trial policy is told
+    out.to_dict()                                      # JSON for the episode record
+
+The gate comes before anything touches Ansible, because the syntax check already loads
+the playbook on the controller. The files: `workdir/playbook.yaml` (the extracted text,
+as the model wrote it, so error line numbers match), `workdir/ansible/` (ansible-runner's
+private data dir: artifacts, events), `workdir/events.jsonl` (and `events.rerun.jsonl`)
+once it executed. Idempotence is a quality signal only: a fix that works but is not safe
+to run twice still fixed the incident (`out.executed_ok` says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .ansible import DEFAULT_ENV, PlaybookRun, run_playbook
+from .errors import PlaybookParseError
+from .gate import GateResult, check_playbook
+
+STAGES = ("extract", "parse", "gate", "syntax", "execute", "idempotence")
+ERROR_CLASSES = ("NoYaml", "InvalidYaml", "NotAPlaybook", "GateViolation", "SyntaxCheckFailed",
+                 "ExecutionFailed", "Timeout", "Unreachable", "NotIdempotent", "InternalError")
+MAX_PLAYBOOK_CHARS = 200_000
+SYNTAX_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ExecutionOutcome:
+    stage: str                              # the stage it stopped at, or "done"
+    ok: bool
+    error_class: str | None = None          # one of ERROR_CLASSES; None when ok
+    reason: str = ""                        # one line
+    playbook_text: str | None = None        # what extract found
+    plays: list | None = None               # what parse made of it
+    gate: GateResult | None = None
+    run: PlaybookRun | None = None
+    rerun: PlaybookRun | None = None        # the idempotence run
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage reached
+
+    @property
+    def executed_ok(self) -> bool:
+        """The playbook ran through once (whatever the idempotence check says)."""
+        return self.run is not None and self.run.ok
+
+    def to_dict(self) -> dict:
+        """JSON-safe; the runs without their events (those are in events.jsonl)."""
+        return {"stage": self.stage, "ok": self.ok, "error_class": self.error_class, "reason": self.reason,
+                "playbook_text": self.playbook_text, "plays": _json_safe(self.plays),
+                "gate": self.gate.to_dict() if self.gate is not None else None,
+                "run": _run_dict(self.run), "rerun": _run_dict(self.rerun),
+                "timings": dict(self.timings)}
+
+    def summary(self) -> str:
+        """What happened, for a person or a model deciding the next attempt: where it
+        stopped and why, the failed tasks with their messages, the recap per host."""
+        if self.stage == "extract":
+            return f"No playbook was run: {self.reason}."
+        if self.stage == "parse":
+            return f"No playbook was run: it could not be read ({self.error_class}): {self.reason}"
+        if self.stage == "gate":
+            lines = ["No playbook was run: the safety gate refused it:"]
+            lines += [f"- {v}" for v in (self.gate.violations if self.gate else ())][:10]
+            return "\n".join(lines)
+        if self.stage == "syntax":
+            return f"No playbook was run: ansible-playbook --syntax-check rejected it ({self.error_class}): {self.reason}"
+        if self.run is None:       # done without executing
+            return "The playbook passed extraction, parsing, the safety gate and the syntax check; it was not executed."
+        lines = []
+        fails = _failures(self.run)
+        if self.stage == "execute" and fails and self.error_class == "ExecutionFailed":
+            lines.append(f"The playbook failed ({self.error_class}) after {self.run.duration_s:.1f} s:")
+        elif self.stage == "execute":
+            lines.append(f"The playbook failed ({self.error_class}): {self.reason}")
+        else:
+            lines.append(f"The playbook ran successfully in {self.run.duration_s:.1f} s.")
+        for f in fails[:5]:
+            lines.append(f"- {f['host']}: task '{f['task']}' failed: {_one_line(f['msg'], 400)}")
+            for k in ("stderr", "stdout"):
+                if f[k] and f[k] not in f["msg"]:
+                    lines.append(f"  {k}: {_one_line(f[k][-400:], 400)}")
+        if self.run.stats:
+            lines.append("Recap: " + "; ".join(_recap(h, s) for h, s in self.run.stats.items()))
+        if self.stage == "idempotence":
+            lines.append(f"Run a second time: {self.reason}")
+        elif self.rerun is not None:
+            lines.append("Run a second time, it changed nothing (idempotent).")
+        return "\n".join(lines)
+
+
+# ---- extract and parse ----------------------------------------------------------------------------
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w.+-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.S | re.M)
+_YAML_TAGS = ("yaml", "yml", "ansible", "yaml+jinja")
+
+
+def extract_yaml(text: str) -> str | None:
+    """The playbook's YAML in a model's answer, or None where there is none."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    t = _THINK.sub("", text)
+    low = t.lower()
+    if "</think>" in low:          # the opening tag was in the prompt
+        t = t[low.rindex("</think>") + len("</think>"):]
+    elif "<think>" in low:         # ran out of tokens while thinking: nothing after it counts
+        t = t[:low.index("<think>")]
+    tagged, candidates = [], []
+    for m in _FENCE.finditer(t):
+        lang = m.group(2).lower()
+        if lang in _YAML_TAGS or lang == "":
+            body = textwrap.dedent(m.group(3)).strip("\n")
+            candidates.append(body)
+            if lang:
+                tagged.append(body)
+    for body in candidates:
+        if _is_playbook(body):
+            return body + "\n"
+    whole = t.strip()
+    if whole and _is_playbook(whole):
+        return whole + "\n"
+    # A yaml block that does not parse is still the answer: parse says what is wrong with it.
+    if tagged:
+        return tagged[0] + "\n"
+    if not candidates and whole.startswith(("---", "- ")):
+        return whole + "\n"
+    return None
+
+
+def _is_playbook(s: str) -> bool:
+    try:
+        data = yaml.safe_load(s)
+    except Exception:
+        return False
+    return isinstance(data, list) and bool(data) and all(isinstance(p, dict) for p in data)
+
+
+def parse_playbook(text: str) -> list:
+    """A non-empty list of plays (mappings), or PlaybookParseError("InvalidYaml" |
+    "NotAPlaybook", reason)."""
+    if not isinstance(text, str):
+        raise PlaybookParseError("NotAPlaybook", f"expected YAML text, got a {type(text).__name__}")
+    if len(text) > MAX_PLAYBOOK_CHARS:
+        raise PlaybookParseError("NotAPlaybook", f"the playbook is {len(text)} characters, more than {MAX_PLAYBOOK_CHARS}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
+        raise PlaybookParseError("InvalidYaml", f"{what}{where}") from None
+    except Exception as e:   # YAMLError without a mark, RecursionError on deep nesting
+        raise PlaybookParseError("InvalidYaml", _one_line(f"{type(e).__name__}: {e}", 300)) from None
+    if data is None:
+        raise PlaybookParseError("NotAPlaybook", "the YAML is empty")
+    if isinstance(data, dict):
+        raise PlaybookParseError("NotAPlaybook", "the YAML is a single mapping; a playbook is a list of plays "
+                                                 "('- hosts: ...')")
+    if not isinstance(data, list):
+        raise PlaybookParseError("NotAPlaybook", f"the YAML is a {type(data).__name__}; a playbook is a list of plays")
+    if not data:
+        raise PlaybookParseError("NotAPlaybook", "the playbook is an empty list")
+    for i, p in enumerate(data):
+        if not isinstance(p, dict):
+            raise PlaybookParseError("NotAPlaybook", f"play {i + 1} is a {type(p).__name__}, not a mapping")
+    return data
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+def run_pipeline(text: str, *, inventory: Path, inventory_hosts: Iterable[str], workdir: Path,
+                 timeout_s: float = 120, check_idempotence: bool = False, extravars: dict | None = None,
+                 execute: bool = True) -> ExecutionOutcome:
+    """Run a model's answer through every stage; see the module's docstring."""
+    workdir, inventory = Path(workdir), Path(inventory)
+    out = ExecutionOutcome(stage="extract", ok=False)
+
+    def stop(stage: str, error_class: str, reason: str) -> ExecutionOutcome:
+        out.stage, out.ok, out.error_class, out.reason = stage, False, error_class, _one_line(reason, 600)
+        return out
+
+    # extract
+    t0 = time.monotonic()
+    found = extract_yaml(text)
+    out.timings["extract"] = _since(t0)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if found is not None:
+            (workdir / "playbook.yaml").write_text(found)
+    except OSError as e:
+        return stop("extract", "InternalError", f"cannot write to {workdir}: {e}")
+    if found is None:
+        return stop("extract", "NoYaml", "the answer holds no YAML playbook (a ```yaml block with a list of plays)")
+    out.playbook_text = found
+    playbook = workdir / "playbook.yaml"
+
+    # parse
+    t0 = time.monotonic()
+    try:
+        out.plays = parse_playbook(found)
+    except PlaybookParseError as e:
+        out.timings["parse"] = _since(t0)
+        return stop("parse", e.error_class, e.reason)
+    out.timings["parse"] = _since(t0)
+
+    # gate
+    t0 = time.monotonic()
+    out.gate = check_playbook(out.plays, inventory_hosts)
+    out.timings["gate"] = _since(t0)
+    if not out.gate.ok:
+        n = len(out.gate.violations)
+        return stop("gate", "GateViolation", f"refused by the safety gate [{', '.join(out.gate.rules)}]: "
+                                             f"{out.gate.reason}" + (f" (and {n - 1} more)" if n > 1 else ""))
+
+    # syntax
+    t0 = time.monotonic()
+    error_class, reason = _syntax_check(inventory, playbook, workdir, extravars)
+    out.timings["syntax"] = _since(t0)
+    if error_class:
+        return stop("syntax", error_class, reason)
+    if not execute:
+        out.stage, out.ok = "done", True
+        return out
+
+    # execute
+    t0 = time.monotonic()
+    out.run = run_playbook(inventory, playbook, workdir / "ansible", timeout_s, extravars)
+    out.timings["execute"] = _since(t0)
+    _write_events(workdir / "events.jsonl", out.run)
+    error_class, reason = _classify(out.run, timeout_s)
+    if error_class:
+        return stop("execute", error_class, reason)
+
+    # idempotence
+    if check_idempotence:
+        t0 = time.monotonic()
+        out.rerun = run_playbook(inventory, playbook, workdir / "ansible", timeout_s, extravars)
+        out.timings["idempotence"] = _since(t0)
+        _write_events(workdir / "events.rerun.jsonl", out.rerun)
+        error_class, reason = _classify(out.rerun, timeout_s)
+        if error_class == "InternalError":
+            return stop("idempotence", error_class, reason)
+        if error_class:
+            return stop("idempotence", "NotIdempotent", f"the second run did not succeed ({error_class}): {reason}")
+        changed = {h: s.changed for h, s in out.rerun.stats.items() if s.changed}
+        if changed:
+            tasks = _changed_tasks(out.rerun)
+            return stop("idempotence", "NotIdempotent",
+                        "a second run changed " + ", ".join(f"{h}: {c} task(s)" for h, c in changed.items())
+                        + (f" ({', '.join(repr(t) for t in tasks[:5])})" if tasks else ""))
+
+    out.stage, out.ok = "done", True
+    return out
+
+
+def _syntax_check(inventory: Path, playbook: Path, workdir: Path, extravars: dict | None) -> tuple[str | None, str]:
+    exe = Path(sys.executable).parent / "ansible-playbook"
+    if not exe.exists():
+        return "InternalError", f"{exe} does not exist (is the virtualenv set up?)"
+    if not inventory.is_file():
+        return "InternalError", f"inventory {inventory}: no such file"
+    env = {**os.environ, **DEFAULT_ENV,
+           "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "ANSIBLE_LOCAL_TEMP": str((workdir / "ansible" / "tmp").resolve())}
+    cmd = [str(exe), "--syntax-check", "-i", str(inventory.resolve()), str(playbook.resolve())]
+    if extravars:
+        cmd += ["-e", json.dumps(extravars, default=str)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTAX_TIMEOUT_S, env=env,
+                           cwd=str(workdir), stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "Timeout", f"ansible-playbook --syntax-check took more than {SYNTAX_TIMEOUT_S:g} s"
+    except OSError as e:
+        return "InternalError", f"cannot run {exe}: {e}"
+    if r.returncode == 0:
+        return None, ""
+    return "SyntaxCheckFailed", _first_error(r.stderr + "\n" + r.stdout) or f"exit code {r.returncode}"
+
+
+def _first_error(output: str) -> str:
+    """Ansible's first error line (2.19 writes `[ERROR]: ...`, earlier `ERROR! ...`), with
+    the playbook line it points at."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s.startswith(("[ERROR]", "ERROR!")):
+            msg = re.sub(r"^(\[ERROR\]:?|ERROR!)\s*", "", s)
+            for nxt in lines[i + 1:i + 12]:
+                m = re.search(r"(?:Origin:|The error appears to be in) '?[^']*?:(\d+):(\d+)", nxt)
+                if m:
+                    msg += f" (playbook line {m.group(1)}, column {m.group(2)})"
+                    break
+            return msg
+    rest = [l.strip() for l in lines if l.strip() and not l.strip().startswith("[WARNING]")]
+    return rest[-1] if rest else ""
+
+
+def _classify(run: PlaybookRun, timeout_s: float) -> tuple[str | None, str]:
+    if run.ok:
+        return None, ""
+    if run.error:
+        return "InternalError", run.error.splitlines()[0] if run.error else "ansible-runner failed"
+    if run.status == "timeout":
+        task = _last_task(run)
+        return "Timeout", f"the playbook ran past its {timeout_s:g} s limit" + (f", in task '{task}'" if task else "")
+    if run.status == "canceled":
+        return "InternalError", "the run was canceled"
+    fails = _failures(run)
+    hard = [f for f in fails if f["event"] == "runner_on_failed"]
+    if hard:
+        return "ExecutionFailed", "; ".join(f"task '{f['task']}' failed on {f['host']}: {_one_line(f['msg'], 200)}"
+                                            for f in hard[:3])
+    unreachable = [h for h, s in run.stats.items() if s.unreachable] or [f["host"] for f in fails]
+    if unreachable:
+        msg = next((f["msg"] for f in fails if f["msg"]), "")
+        return "Unreachable", f"{', '.join(dict.fromkeys(unreachable))} unreachable" + (f": {_one_line(msg, 200)}" if msg else "")
+    # No task failed: ansible stopped before or between tasks (an undefined variable in a
+    # play keyword, a templating error); its own summary line says why.
+    return "ExecutionFailed", run.summary().split("; ", 1)[-1]
+
+
+def _failures(run: PlaybookRun) -> list[dict]:
+    out = []
+    for ev in run.events:
+        if ev.get("event") not in ("runner_on_failed", "runner_on_unreachable"):
+            continue
+        data = ev.get("event_data", {}) or {}
+        if data.get("ignore_errors"):
+            continue
+        res = data.get("res", {}) or {}
+        msg = res.get("msg") or res.get("stderr") or res.get("stdout") or ""
+        if not isinstance(msg, str):
+            msg = json.dumps(msg, default=str)
+        if res.get("results") and not res.get("stderr"):   # a loop: the first failed item says more
+            item = next((r for r in res["results"] if isinstance(r, dict) and r.get("failed")), None)
+            if item:
+                why = " ".join(str(x).strip() for x in (item.get("msg"), item.get("stderr")) if x)
+                msg = f"{msg}; item {item.get('item')!r}: {why}"
+        out.append({"host": data.get("host"), "task": data.get("task"), "event": ev["event"],
+                    "msg": msg.strip(), "rc": res.get("rc"),
+                    "stderr": str(res.get("stderr") or "").strip(), "stdout": str(res.get("stdout") or "").strip()})
+    return out
+
+
+def _last_task(run: PlaybookRun) -> str | None:
+    for ev in reversed(run.events):
+        if ev.get("event") == "playbook_on_task_start":
+            return (ev.get("event_data") or {}).get("task")
+    return None
+
+
+def _changed_tasks(run: PlaybookRun) -> list[str]:
+    names = []
+    for ev in run.events:
+        data = ev.get("event_data") or {}
+        if ev.get("event") == "runner_on_ok" and (data.get("res") or {}).get("changed") and data.get("task") not in names:
+            names.append(data.get("task"))
+    return names
+
+
+def _write_events(path: Path, run: PlaybookRun) -> None:
+    try:
+        with path.open("w") as f:
+            for ev in run.events:
+                f.write(json.dumps(ev, default=str) + "\n")
+    except OSError:
+        pass   # the events stay in the runner's artifacts; the outcome does not depend on this copy
+
+
+def _run_dict(run: PlaybookRun | None) -> dict | None:
+    if run is None:
+        return None
+    return {"status": run.status, "rc": run.rc, "duration_s": run.duration_s,
+            "stats": {h: asdict(s) for h, s in run.stats.items()},
+            "failed_tasks": [{k: f[k] for k in ("host", "task", "msg", "rc")} for f in _failures(run)][:20],
+            "playbook": run.playbook, "artifact_dir": run.artifact_dir, "error": run.error}
+
+
+def _recap(host: str, s: Any) -> str:
+    return (f"{host}: ok={s.ok} changed={s.changed} failed={s.failures} unreachable={s.unreachable} "
+            f"skipped={s.skipped} rescued={s.rescued} ignored={s.ignored}")
+
+
+def _json_safe(obj: Any) -> Any:
+    if obj is None:
+        return None
+    n, stack = 0, [obj]
+    while stack:       # an alias bomb parses small and serialises huge
+        x = stack.pop()
+        n += 1
+        if n > 200_000:
+            return None
+        stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+    try:
+        return json.loads(json.dumps(obj, default=str))
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _one_line(s: str, limit: int) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= limit else s[:limit - 1] + "…"
+
+
+def _since(t0: float) -> float:
+    return round(time.monotonic() - t0, 3)
+
+
+__all__ = ["ExecutionOutcome", "run_pipeline", "extract_yaml", "parse_playbook", "STAGES", "ERROR_CLASSES"]

@@ -1,0 +1,177 @@
+"""The prompts every model-backed policy uses, in one place, so that benchmarking, training
+(SFT/RFT records) and serving all show a model the same words.
+
+The templates are files in `prompts/` (package data), filled with `str.format_map`:
+
+    system.md        {hosts}                            the SRE's role and the rules of a playbook
+    think_system.md  {hosts} {max_probes} {allowed}     appended to system.md for ThinkRemed
+    solo.md          {report} {hosts} {observations}    the user turn: the report and the inventory
+    feedback.md      {trial} {outcome} {execution} {health}   the user turn after a trial
+
+Being `str.format_map`, a literal brace in a template must be doubled (`{{`); the templates
+avoid braces altogether. Values are inserted as they are (a report's JSON is a value, so its
+braces are fine).
+
+    messages = build_messages(report, ("n0", "n1"))                       # SoloGen
+    messages = build_messages(report, hosts, mode="think", feedback=[fb])  # ThinkRemed, trial 2
+
+`report` is a `DiagnosisReport`, a dict of its fields (as training reads them from JSONL),
+or text already rendered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..reports import DiagnosisReport
+from .base import TrialFeedback
+
+TEMPLATES = ("system", "solo", "think_system", "feedback")
+MODES = ("solo", "think")
+
+
+@lru_cache(maxsize=None)
+def load_template(name: str) -> str:
+    """The raw text of a template (`system`, `solo`, `think_system`, `feedback`), read from
+    the package on first use."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown prompt template '{name}'; the templates are: {', '.join(TEMPLATES)}")
+    return resources.files(__package__).joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
+
+
+def render(name: str, **values: Any) -> str:
+    """A template filled with `values`; a placeholder without a value is an error naming it."""
+    try:
+        return load_template(name).format_map(values)
+    except KeyError as e:
+        raise ValueError(f"prompt template '{name}' needs a value for {{{e.args[0]}}}; "
+                         f"given: {', '.join(sorted(values)) or 'none'}") from None
+
+
+def report_text(report: DiagnosisReport | Mapping[str, Any] | str) -> str:
+    """The report as the model reads it (`DiagnosisReport.to_text()`)."""
+    if isinstance(report, str):
+        return report
+    if isinstance(report, DiagnosisReport):
+        return report.to_text()
+    if isinstance(report, Mapping):
+        return _report_from_dict(report).to_text()
+    raise TypeError(f"a report is a DiagnosisReport, a dict of its fields or text, not {type(report).__name__}")
+
+
+def _report_from_dict(d: Mapping[str, Any]) -> DiagnosisReport:
+    # Records may come from an older or newer writer: take the fields we know, default the rest.
+    names = {f.name for f in dataclasses.fields(DiagnosisReport)}
+    base = {"system": "?", "level": "minimal", "symptoms": (), "observations": {}, "call_graph": {},
+            "placement": {}}
+    fields = {**base, **{k: v for k, v in d.items() if k in names}}
+    fields["symptoms"] = tuple(fields["symptoms"] or ())
+    fields["logs"] = tuple(fields.get("logs") or ())
+    fields["evidence"] = fields.get("evidence") or {}
+    fields["call_graph"] = fields["call_graph"] or {}
+    fields["placement"] = fields["placement"] or {}
+    return DiagnosisReport(**fields)
+
+
+def hosts_text(inventory_hosts: Iterable[str]) -> str:
+    hosts = [str(h) for h in inventory_hosts]
+    if not hosts:
+        raise ValueError("the inventory has no hosts: a playbook would have nothing to target")
+    return ", ".join(hosts)
+
+
+def allowed_text() -> str:
+    """The probe allow-list as the think prompt lists it (one line per command)."""
+    from .tools import ALLOWED
+    return "\n".join(f"- {spec.usage}" for spec in ALLOWED.values() if spec.usage)
+
+
+def render_observations(observations: Iterable[Mapping[str, Any]]) -> str:
+    """Probe results ({"host", "command", "output"}) as text, e.g. those of earlier trials."""
+    parts = []
+    for o in observations:
+        out = str(o.get("output", "")).rstrip() or "(no output)"
+        parts.append(f"$ {o.get('host', '?')}: {o.get('command', '')}\n{out}")
+    return "\n\n".join(parts)
+
+
+def _health_text(health: Mapping[str, Any] | None) -> str:
+    if not health:
+        return "no signal"
+    bits = []
+    if "ok" in health:
+        bits.append("looks healthy" if health["ok"] else "not healthy")
+    if health.get("error_rate") is not None:
+        bits.append(f"error rate {float(health['error_rate']):.0%}")
+    services = health.get("services") or {}
+    if services:
+        bits.append("services: " + ", ".join(f"{n} {s}" for n, s in services.items()))
+    rest = {k: v for k, v in health.items() if k not in ("ok", "error_rate", "services")}
+    if rest:
+        bits.append(json.dumps(rest, default=str))
+    return "; ".join(bits) or "no signal"
+
+
+def render_feedback(fb: TrialFeedback | Mapping[str, Any]) -> str:
+    """The user turn after a trial (feedback.md): how the run went and the weak health signal."""
+    if isinstance(fb, Mapping):
+        fb = TrialFeedback(trial=int(fb.get("trial", 0)), stage=str(fb.get("stage", "")),
+                           error_class=fb.get("error_class"), reason=str(fb.get("reason", "")),
+                           execution=str(fb.get("execution", "")), health=dict(fb.get("health") or {}))
+    if fb.stage == "done" and not fb.error_class:
+        outcome = "the playbook ran through" + (f" ({fb.reason})" if fb.reason else "") + "."
+    else:
+        outcome = (f"stopped at stage '{fb.stage}'" + (f" ({fb.error_class})" if fb.error_class else "")
+                   + (f": {fb.reason}" if fb.reason else "") + ".")
+    execution = fb.execution.strip()
+    return render("feedback", trial=fb.trial, outcome=outcome,
+                  execution=execution if execution else "(no execution summary)",
+                  health=_health_text(fb.health))
+
+
+def system_prompt(inventory_hosts: Iterable[str], mode: str = "solo", max_probes: int = 4) -> str:
+    if mode not in MODES:
+        raise ValueError(f"prompt mode '{mode}': use one of {', '.join(MODES)}")
+    hosts = hosts_text(inventory_hosts)
+    text = render("system", hosts=hosts)
+    if mode == "think":
+        text = text.rstrip("\n") + "\n\n" + render("think_system", hosts=hosts, max_probes=max_probes,
+                                                   allowed=allowed_text())
+    return text
+
+
+def build_messages(report: DiagnosisReport | Mapping[str, Any] | str, inventory_hosts: Sequence[str], *,
+                   mode: str = "solo", feedback: Iterable[TrialFeedback | Mapping[str, Any]] = (),
+                   observations: Iterable[Mapping[str, Any]] = (), previous_answers: Sequence[str] = (),
+                   max_probes: int = 4) -> list[dict]:
+    """The chat messages for one request: system, the report turn, then per earlier trial
+    the answer given (where known, from `previous_answers`) and its feedback.
+
+    `observations` are probe results made before this request (earlier trials' probes),
+    shown in the report turn so a later trial need not probe again."""
+    hosts = hosts_text(inventory_hosts)
+    obs = render_observations(observations)
+    user = render("solo", report=report_text(report).rstrip("\n"), hosts=hosts,
+                  observations=f"\nWhat read-only probes already showed:\n\n{obs}\n" if obs else "")
+    messages = [{"role": "system", "content": system_prompt(inventory_hosts, mode, max_probes)},
+                {"role": "user", "content": user}]
+    for i, fb in enumerate(feedback):
+        if i < len(previous_answers) and previous_answers[i]:
+            messages.append({"role": "assistant", "content": previous_answers[i]})
+        append_user(messages, render_feedback(fb))
+    return messages
+
+
+def append_user(messages: list[dict], content: str) -> None:
+    """Add a user turn, merged into the last one if that is a user turn too: some chat
+    templates insist that user and assistant alternate."""
+    last = messages[-1] if messages else None
+    if last and last.get("role") == "user" and isinstance(last.get("content"), str):
+        # A new dict, not an edit: the earlier one may already be in a transcript that was sent.
+        messages[-1] = {**last, "content": last["content"].rstrip("\n") + "\n\n" + content}
+    else:
+        messages.append({"role": "user", "content": content})

@@ -1,0 +1,125 @@
+"""`remed bench`: MicroRemed's easy suite with the expert runbook on nspawn reaches >= 95 %
+(faults this host cannot provide are skipped and named); the outputs are complete; a rerun
+resumes without redoing anything; cases are a pure function of the seed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_reme.simulators.benchmark import BenchConfig, list_suites, load_suite, make_cases, summarize, wilson
+
+REMED = str(Path(sys.executable).parent / "remed")
+
+
+def remed(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([REMED, *args], capture_output=True, text=True, timeout=timeout)
+
+
+# ---- cases --------------------------------------------------------------------------------------
+
+def test_microremed_suites_are_shipped_with_their_sizes():
+    assert {"easy", "medium", "hard"} <= set(list_suites())
+    assert (len(load_suite("easy")), len(load_suite("medium")), len(load_suite("hard"))) == (23, 49, 80)
+
+
+def test_the_same_seed_gives_the_same_cases_and_another_seed_other_targets():
+    a, _ = make_cases("boutique", "medium", 7, "nspawn")
+    b, _ = make_cases("boutique", "medium", 7, "nspawn")
+    c, _ = make_cases("boutique", "medium", 8, "nspawn")
+    assert a == b
+    assert [x.target for x in a] != [x.target for x in c]
+
+
+def test_faults_unavailable_here_are_skipped_with_the_reason():
+    cases, skipped = make_cases("simple-micro", "easy", 0, "nspawn")
+    assert len(cases) + len(skipped) == 23
+    assert {s.fault for s in skipped} == {"network-delay"}
+    assert all("netem" in s.reason for s in skipped)
+
+
+@pytest.mark.parametrize("suite", ["nope", "/does/not/exist.txt"])
+def test_an_unknown_suite_lists_the_shipped_ones(suite):
+    with pytest.raises(ValueError, match="easy"):
+        load_suite(suite)
+
+
+def test_a_suite_file_with_an_unknown_fault_lists_the_catalog(tmp_path):
+    p = tmp_path / "s.txt"
+    p.write_text("cpu-stress\ncosmic-ray\n")
+    with pytest.raises(Exception, match="cpu-stress"):
+        load_suite(str(p))
+
+
+def test_injection_failures_count_against_the_rate_and_infra_failures_do_not():
+    def r(fault, outcome):
+        return {"id": f"{fault}-{outcome}", "scenario": {"fault": fault}, "outcome": outcome, "stage": "done",
+                "trials": [{}], "timings": {"total": 1.0}, "tokens": {"prompt": 1, "completion": 1}}
+    recs = [r("cpu-stress", "success"), r("cpu-stress", "injection_failure"), r("cpu-stress", "infra_failure")]
+    res = summarize(recs, [], BenchConfig())
+    assert (res["cases"], res["successes"], res["injection_failures"], res["infra_failures"]) == (3, 1, 1, 1)
+    assert res["success_rate"] == 0.5
+    assert res["per_fault"]["cpu-stress"]["success_rate"] == 0.5
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (5, 10), (0, 0)])
+def test_the_interval_contains_the_rate(k, n):
+    lo, hi = wilson(k, n)
+    assert 0 <= lo <= (k / n if n else 0.5) <= hi <= 1
+
+
+# ---- the real run -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def easy(image, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "easy"
+    cfg = out.parent / "bench.yaml"
+    cfg.write_text(yaml.safe_dump({"sandbox_prefix": "pt-bench"}))
+    args = ("bench", "--system", "simple-micro", "--suite", "easy", "--policy", "runbook", "--parallel", "2",
+            "--seed", "0", "--out", str(out), "--config", str(cfg))
+    first = remed(*args)
+    return out, args, first
+
+
+def test_the_runbook_passes_the_easy_suite(easy):
+    out, _, first = easy
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["cases"] == 17 and res["skipped"] == 6
+    assert res["success_rate"] >= 0.95, json.dumps(res["per_fault"], indent=1)
+    assert set(res["per_fault"]) == {"cpu-stress", "memory-stress", "network-loss", "network-delay"}
+    assert res["per_fault"]["network-delay"]["skipped"] == 6
+    for key in ("success_rate", "cases", "successes", "injection_failures", "skipped"):
+        assert key in res and all(key in s for s in res["per_fault"].values())
+    assert "overall" in first.stdout and "network-delay" in first.stdout
+
+
+def test_the_run_leaves_episodes_a_chart_and_its_config(easy):
+    out, _, _ = easy
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 17
+    assert (out / "success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["suite"] == "easy"
+    rec = json.loads(lines[0])
+    assert (out / "episodes" / rec["id"] / "verdict.json").is_file()
+
+
+def test_a_rerun_resumes_without_redoing_episodes(easy):
+    out, args, _ = easy
+    before = (out / "episodes.jsonl").read_text()
+    again = remed(*args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "episodes.jsonl").read_text() == before
+    assert "17 done before" in again.stdout
+
+
+def test_resuming_with_other_settings_is_refused(easy):
+    out, args, _ = easy
+    res = remed(*[a if a != "0" else "1" for a in args], timeout=120)   # --seed 1
+    assert res.returncode == 2
+    assert "seed" in res.stderr and "another --out" in res.stderr
