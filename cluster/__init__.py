@@ -1,1 +1,22 @@
-"""Ray fleet: per-host actors that own sandboxes, scheduling, experience collection (next stage)."""
+"""The Ray fleet: one actor per sandbox host owning that host's sandboxes, a driver-side
+`Fleet` that schedules episodes across them with back-pressure and fault tolerance, and
+experience collection into append-only shards.
+
+    from e2e_reme.cluster import Fleet, FleetConfig, HostConfig, Job, collect, CollectConfig
+
+    with Fleet(FleetConfig()).start() as fleet:          # a local Ray; address="auto" joins a cluster
+        for rec in fleet.run(jobs): ...
+        records = fleet.evaluate(scenario, playbooks)    # G playbooks, one starting state
+
+See fleet.py (placement, scheduling, fault tolerance), host.py (the actor) and
+experience.py (`remed fleet collect`).
+"""
+
+from .errors import FleetError, HostStartFailed, NoSandboxHosts, RayUnavailable
+from .experience import CollectConfig, collect, plan, read_records
+from .fleet import RESOURCE, Fleet, FleetConfig
+from .host import HostConfig, Job, SandboxHost, plan_slots
+
+__all__ = ["CollectConfig", "Fleet", "FleetConfig", "FleetError", "HostConfig", "HostStartFailed", "Job",
+           "NoSandboxHosts", "RESOURCE", "RayUnavailable", "SandboxHost", "collect", "plan", "plan_slots",
+           "read_records"]

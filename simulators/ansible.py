@@ -148,12 +148,17 @@ def run_playbook(inventory_path: str | Path, playbook: str | Path | list[dict], 
     # venv is not activated (PATH lacks its bin/).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
     env["ANSIBLE_LOCAL_TEMP"] = str(pdd / "tmp")
-    cp = pdd / "cp"
+    # SSH connection reuse (ControlMaster) per run directory *and* per sandbox incarnation
+    # (the inventory names it): a sandbox replaced under the same name and addresses, or an
+    # episode retried in the same directory, must never talk through a master connection
+    # to the dead one.
+    import hashlib
+    key = hashlib.sha1(f"{pdd}\n{inventory.read_text(errors='replace')}".encode()).hexdigest()
+    cp = pdd / f"cp-{key[:8]}"
     if len(str(cp)) > 70:
         # ssh refuses control sockets whose path (plus its 17-character temporary suffix)
         # passes 108 bytes, and then silently runs without connection reuse.
-        import hashlib
-        cp = Path("/tmp") / f"remed-cp-{hashlib.sha1(str(pdd).encode()).hexdigest()[:12]}"
+        cp = Path("/tmp") / f"remed-cp-{key[:12]}"
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(cp)
     env.update(envvars or {})
 

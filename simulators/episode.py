@@ -428,4 +428,10 @@ def run_case(slot: Slot, scenario: Scenario, policy: Policy, *, out_dir: Path,
         if on_replace:
             on_replace(rec.reason)
         slot.down()    # the next attempt brings up a fresh sandbox
+        edir = Path(out_dir) / rec.id
+        kept = edir.with_name(f"{edir.name}.attempt{attempt}")
+        from e2e_reme.host import safe_rmtree
+        safe_rmtree(kept)
+        if edir.exists():
+            edir.rename(kept)  # the failed attempt stays for inspection; the retry starts clean
     return rec

@@ -1,6 +1,9 @@
 """`python -m e2e_reme.simulators.reaper NAME OWNER_PID OWNER_START`
 
-Started (detached) next to every sandbox owned by a process. It waits for the owner to
+Started (detached) next to every sandbox owned by a process, through
+`--spawn NAME OWNER_PID OWNER_START LOG`: a launcher that starts the reaper in a new
+session, prints its pid and exits, so that the reaper is not a child of the owner (a
+process manager that kills a dead worker's children, as Ray does, would kill it too). It waits for the owner to
 exit; if the sandbox's record still names that owner then, the owner died without
 stopping it (SIGKILL, a crash), and the reaper destroys it. It exits by itself as soon as
 the record is gone (a normal stop also signals it).
@@ -44,5 +47,17 @@ def main(name: str, owner_pid: int, owner_start: int) -> int:
             return 0
 
 
+def spawn(name: str, owner_pid: str, owner_start: str, log: str) -> int:
+    import subprocess
+    with open(log, "ab") as out:
+        p = subprocess.Popen([sys.executable, "-m", "e2e_reme.simulators.reaper", name, owner_pid, owner_start],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    print(p.pid, flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--spawn":
+        sys.exit(spawn(*sys.argv[2:6]))
     sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

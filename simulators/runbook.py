@@ -168,10 +168,13 @@ def _verify(r: RunbookInput) -> list[dict]:
 
 
 def _cgroup_procs_snippet(unit: str) -> str:
+    # The named systemd hierarchy first: in a container on a v1/hybrid host the unified one
+    # may be shared with other containers, whose processes it lists as pid 0 (and `kill 0`
+    # would kill our own process group). Pid 0 is never a process of ours.
     return (f'cg=$(systemctl show -p ControlGroup --value {unit})\n'
             'procs=""\n'
-            'for d in /sys/fs/cgroup /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do\n'
-            '  if [ -n "$cg" ] && [ -f "$d$cg/cgroup.procs" ]; then procs=$(cat "$d$cg/cgroup.procs"); break; fi\n'
+            'for d in /sys/fs/cgroup/systemd /sys/fs/cgroup /sys/fs/cgroup/unified; do\n'
+            '  if [ -n "$cg" ] && [ -f "$d$cg/cgroup.procs" ]; then procs=$(grep -vx 0 "$d$cg/cgroup.procs"); break; fi\n'
             'done\n')
 
 

@@ -314,6 +314,8 @@ class Sandbox(ABC):
                 "ansible_ssh_common_args": common,
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "remed_sandbox": self.name,
+                # Tells one incarnation of a name from the next (e.g. for SSH connection reuse).
+                "remed_sandbox_created": self.record.created_at,
             },
         }}
 
@@ -459,14 +461,21 @@ def gc() -> list[str]:
 # ---- the reaper: destroys a sandbox whose owner died without stopping it ---------------
 
 def _start_reaper(record: SandboxRecord) -> None:
+    """Start the reaper as a grandchild: a launcher starts it in a session of its own and
+    exits, so it is no child of the owner. Process managers that kill a dying process's
+    children (Ray does so for its workers) would otherwise kill the reaper with its owner,
+    exactly when it is needed."""
     log = record.dir / "reaper.log"
     record.dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "e2e_reme.simulators.reaper", record.name,
-         str(record.owner_pid), str(record.owner_start)],
-        stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        start_new_session=True, close_fds=True)
-    record.reaper_pid = proc.pid
+    launcher = subprocess.run(
+        [sys.executable, "-m", "e2e_reme.simulators.reaper", "--spawn", record.name,
+         str(record.owner_pid), str(record.owner_start), str(log)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, close_fds=True)
+    try:
+        record.reaper_pid = int(launcher.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SandboxError(f"sandbox {record.name}: the reaper did not start: "
+                           f"{(launcher.stderr or launcher.stdout).strip()[-300:]}") from None
     state.save(record)
 
 

@@ -13,13 +13,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import doctor, fault, image, sandbox, system, verify
+    from . import bench, doctor, fault, fleet, image, sandbox, system, verify
     app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
     app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
     app.add_typer(system.app, name="system", help="Microservice systems: list, deploy, status, load.")
     app.add_typer(fault.app, name="fault", help="Fault catalog: list, inject, status, describe, recover.")
     app.command("verify", help="Judge a sandbox against its baseline: exit 0 success, 1 failure, 2 not judged.")(verify.verify)
+    app.command("bench", help="Benchmark a policy on a MicroRemed suite of real faults.")(bench.bench)
+    app.add_typer(fleet.app, name="fleet", help="Ray fleet: collect verified experience on every sandbox host.")
 
 
 _register()

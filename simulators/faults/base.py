@@ -413,8 +413,8 @@ def start_detached(fault_id: str, command: str, *, in_unit: str | None = None,
 def unit_cgroup_pids_script(unit: str) -> str:
     u = shlex.quote(unit)
     return (f"cg=$(systemctl show -p ControlGroup --value {u}); [ -n \"$cg\" ] || exit 0; "
-            f"for d in /sys/fs/cgroup /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do "
-            f"if [ -f \"$d$cg/cgroup.procs\" ]; then cat \"$d$cg/cgroup.procs\"; exit 0; fi; done")
+            f"for d in /sys/fs/cgroup/systemd /sys/fs/cgroup /sys/fs/cgroup/unified; do "
+            f"if [ -f \"$d$cg/cgroup.procs\" ]; then grep -vx 0 \"$d$cg/cgroup.procs\"; exit 0; fi; done")
 
 
 def limits_enforced_script() -> str:

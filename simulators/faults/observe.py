@@ -98,9 +98,11 @@ def unit_pids(u):
     cg = show(u, ["ControlGroup"]).get("ControlGroup", "")
     if not cg:
         return []
-    for d in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"):
+    # The named systemd hierarchy first: a v1/hybrid host's unified one may be shared with
+    # other containers (their processes read as pid 0).
+    for d in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
         try:
-            return [int(x) for x in open(f"{d}{cg}/cgroup.procs").read().split()]
+            return [int(x) for x in open(f"{d}{cg}/cgroup.procs").read().split() if x != "0"]
         except OSError:
             continue
     return []
