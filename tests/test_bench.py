@@ -5,6 +5,7 @@ resumes without redoing anything; cases are a pure function of the seed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ REMED = str(Path(sys.executable).parent / "remed")
 
 
 def remed(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([REMED, *args], capture_output=True, text=True, timeout=timeout)
+    # A wide "terminal", so that the table's rows are whole lines to search.
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([REMED, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # ---- cases --------------------------------------------------------------------------------------
@@ -123,3 +126,58 @@ def test_resuming_with_other_settings_is_refused(easy):
     res = remed(*[a if a != "0" else "1" for a in args], timeout=120)   # --seed 1
     assert res.returncode == 2
     assert "seed" in res.stderr and "another --out" in res.stderr
+
+
+# ---- model-backed policies over a real OpenAI-compatible server ------------------------------------
+
+class ReportReader:
+    """A stand-in model behind the project's OpenAI-compatible HTTP server: it reads the
+    report's "Affected service: S on host H (unit U, ...)" line; with tools offered and
+    nothing probed yet it probes the unit, then it answers with a playbook that starts the
+    unit. Plumbing, not quality: it can only fix pod-fail. Its usage figures are its own."""
+
+    name = "report-reader"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, messages, tools):
+        import re
+        self.calls += 1
+        text = "\n".join(m.get("content") or "" for m in messages if m["role"] == "user")
+        host, unit = re.search(r"on host (\S+) \(unit (\S+?),", text).groups()
+        usage = {"prompt_tokens": len(text.split()), "completion_tokens": 17}
+        if tools and not any(m["role"] == "tool" for m in messages):
+            return {"tool_calls": [{"name": "probe", "arguments": {"host": host,
+                                                                  "command": f"systemctl is-active {unit}"}}],
+                    "usage": usage}
+        return {"content": f"Start it again.\n```yaml\n- hosts: {host}\n  gather_facts: false\n  tasks:\n"
+                           f"    - ansible.builtin.systemd_service: {{name: {unit}, state: started}}\n```\n",
+                "usage": usage}
+
+
+@pytest.mark.parametrize("policy", ["solo", "think"])
+def test_model_backed_policies_run_end_to_end_against_a_model_server(image, tmp_path, policy):
+    from e2e_reme.simulators.policies.local_server import LocalChatServer
+    suite = tmp_path / "suite.txt"
+    suite.write_text("pod-fail\n")
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump({"sandbox_prefix": "pt-bench"}))
+    model = ReportReader()
+    with LocalChatServer(model) as srv:
+        r = remed("bench", "--system", "simple-micro", "--suite", str(suite), "--policy", policy,
+                  "--model", model.name, "--base-url", srv.base_url, "--no-load", "--out", str(tmp_path / "out"),
+                  "--config", str(cfg), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (res["cases"], res["successes"]) == (1, 1)
+    rec = json.loads((tmp_path / "out" / "episodes.jsonl").read_text())
+    trial = rec["trials"][0]
+    assert trial["model"] == "report-reader" and "```yaml" in trial["output"]
+    assert rec["tokens"]["completion"] == 17 * model.calls            # the server's usage, summed
+    if policy == "think":
+        probe = trial["tool_calls"][0]
+        assert probe["command"].startswith("systemctl is-active remed-")
+        assert probe["output"].split()[0] in ("inactive", "failed")     # read from the real sandbox
+    else:
+        assert trial["tool_calls"] == [] and model.calls == 1
