@@ -80,6 +80,7 @@ class _Host:
         self.inflight: set = set()
         self.ready_ref = None
         self.ready_at = 0.0
+        self.lost_at = 0.0
         self.restarts = 0
 
     @property
@@ -256,6 +257,7 @@ class Fleet:
                 return
             done, _ = ray.wait(list(inflight) + list(restarting), num_returns=1, timeout=1.0)
             emit("tick", len(inflight))
+            now_ = time.monotonic()
             for ref in done:
                 if ref in restarting:
                     self._restarted(ray, restarting[ref], emit)
@@ -277,6 +279,11 @@ class Fleet:
                 self.counts["done"] += 1
                 self.counts[rec["outcome"]] += 1
                 yield rec
+            # A host that does not come back (its node is gone, say) is given up.
+            for h in self.hosts:
+                if h.state == "restarting" and now_ - h.lost_at > self.config.ready_timeout_s:
+                    h.state, h.ready_ref = "dead", None
+                    emit("host", f"host {h.name}: not back after {self.config.ready_timeout_s:.0f} s; given up")
             # A job past its timeout: its host is wedged. Kill it (Ray restarts it); every
             # job it held comes back through RayActorError above.
             now = time.monotonic()
@@ -307,6 +314,7 @@ class Fleet:
             emit("host", f"host {h.name}: dead for good after {h.restarts - 1} restart(s)")
             return
         h.state = "restarting"
+        h.lost_at = time.monotonic()
         emit("host", f"host {h.name}: lost; waiting for Ray to restart it")
         h.ready_ref = h.actor.ready.remote()     # queued by Ray until the actor is back
 
