@@ -28,7 +28,12 @@ system-packages:
 	fi
 
 # libvirtd and virtlogd: through systemd where it is PID 1, started directly elsewhere.
+# /dev/kvm gets Debian's udev ownership (root:kvm 0660) where no udev set it: libvirt checks
+# it as the QEMU user, finds KVM "not available" though its probe (as root) used it, and
+# then probes QEMU's capabilities again on every domain definition (30 s each here).
 daemons: system-packages
+	@if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then \
+	  chgrp kvm /dev/kvm && chmod 660 /dev/kvm; fi
 	@if ! virsh -c qemu:///system uri >/dev/null 2>&1; then \
 	  if [ -d /run/systemd/system ]; then systemctl start libvirtd virtlogd; \
 	  else pgrep -x virtlogd >/dev/null || virtlogd -d; pgrep -x libvirtd >/dev/null || libvirtd -d; fi; \
