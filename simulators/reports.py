@@ -205,6 +205,28 @@ def add_noise(report: DiagnosisReport, sb: Sandbox, deployment: Any, rng) -> tup
     return report, None
 
 
+def at_level(report: dict, level: str) -> dict:
+    """A report dict (as `to_dict()` wrote it) told at a lower level of detail, from the
+    same observations: what `build_report` would have written at that level for the same
+    incident (the symptoms are recomputed; a minimal report names no service). Training
+    uses it to show one verified incident at the three levels."""
+    if level not in LEVELS:
+        raise ValueError(f"report level '{level}': use one of {', '.join(LEVELS)}")
+    have = report.get("level", "full")
+    if LEVELS.index(level) < LEVELS.index(have):
+        raise ValueError(f"a '{have}' report cannot be told at the more detailed level '{level}'")
+    if level == have:
+        return dict(report)
+    out = dict(report, level=level, category=None, fault_kind=None, evidence={})
+    obs = report.get("observations") or {}
+    named = level == "symptoms"
+    if obs.get("load") and obs.get("services") is not None:
+        out["symptoms"] = tuple(_scrub(_symptoms(obs, named)))
+    if not named:
+        out.update(service=None, target=None, logs=())
+    return out
+
+
 def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str = "full",
                  window_s: float = 3.0) -> DiagnosisReport:
     """Observe the live system and write the report at the given level of detail.

@@ -14,6 +14,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 def _register() -> None:
     from . import bench, doctor, fault, fleet, image, sandbox, system, verify
+    from . import model, train
     app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
     app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
@@ -22,6 +23,8 @@ def _register() -> None:
     app.command("verify", help="Judge a sandbox against its baseline: exit 0 success, 1 failure, 2 not judged.")(verify.verify)
     app.command("bench", help="Benchmark a policy on a MicroRemed suite of real faults.")(bench.bench)
     app.add_typer(fleet.app, name="fleet", help="Ray fleet: collect verified experience on every sandbox host.")
+    app.add_typer(model.app, name="model", help="Policy models: init a tiny one, inspect, generate.")
+    app.add_typer(train.app, name="train", help="Expert traces, SFT on Ray Train, evaluation by execution.")
 
 
 _register()

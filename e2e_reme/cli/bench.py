@@ -9,23 +9,16 @@ import os
 from pathlib import Path
 
 import typer
-import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console
+from ._common import console, read_config
 
 
 def _config(config_file: Path | None, cli: dict, episode: dict, policy_options: dict):
     """YAML first, then every flag the user gave on top of it."""
     from e2e_reme.simulators.benchmark import BenchConfig
-    base: dict = {}
-    if config_file:
-        if not config_file.is_file():
-            raise ValueError(f"config {config_file}: no such file")
-        base = yaml.safe_load(config_file.read_text()) or {}
-        if not isinstance(base, dict):
-            raise ValueError(f"config {config_file}: expected a mapping of settings")
+    base = read_config(config_file)
     merged = {**base, **{k: v for k, v in cli.items() if v is not None}}
     ep = {**(base.get("episode") or {}), **{k: v for k, v in episode.items() if v is not None}}
     merged["episode"] = ep

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console
+from ._common import console, read_config
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,13 +22,7 @@ def _split(v: str | None) -> tuple[str, ...] | None:
 def _config(config_file: Path | None, top: dict, fleet: dict, host: dict, episode: dict, policy_options: dict):
     """YAML first, then every flag given on top of it."""
     from e2e_reme.cluster import CollectConfig
-    base: dict = {}
-    if config_file:
-        if not config_file.is_file():
-            raise ValueError(f"config {config_file}: no such file")
-        base = yaml.safe_load(config_file.read_text()) or {}
-        if not isinstance(base, dict):
-            raise ValueError(f"config {config_file}: expected a mapping of settings")
+    base = read_config(config_file)
     merged = {**base, **{k: v for k, v in top.items() if v is not None}}
     f = {**(base.get("fleet") or {}), **{k: v for k, v in fleet.items() if v is not None}}
     h = {**((base.get("fleet") or {}).get("host") or {}), **{k: v for k, v in host.items() if v is not None}}

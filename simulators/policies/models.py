@@ -246,6 +246,16 @@ def plain_messages(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
+def render_chat(tokenizer: Any, messages: Sequence[dict]) -> str:
+    """The prompt text a local model sees for `messages`, ending where the assistant's answer
+    begins: the tokenizer's chat template, or a plain transcript for a base model without one
+    (training tokenises prompts with this same function, so both see the same ids)."""
+    msgs = plain_messages(messages)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant: "
+
+
 class TransformersChatModel:
     """A local causal LM and its tokenizer (`local_files_only`: nothing is downloaded),
     prompted through the tokenizer's chat template. Token counts come from that tokenizer;
@@ -280,11 +290,7 @@ class TransformersChatModel:
 
     def render(self, messages: Sequence[dict]) -> str:
         """The prompt text the model sees, ending where the assistant's answer begins."""
-        msgs = plain_messages(messages)
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # A base model without a template: a plain transcript (recorded in raw["chat_template"]).
-        return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant: "
+        return render_chat(self.tokenizer, messages)
 
     def chat(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None, temperature: float = 0.0,
              max_tokens: int = 1024, seed: int | None = None) -> ChatResponse:

@@ -29,7 +29,7 @@ class SoloGen:
         return Generation(text=r.text, messages=messages, prompt_tokens=r.prompt_tokens,
                           completion_tokens=r.completion_tokens, model=self.model.name, latency_s=r.latency_s,
                           extra={"finish_reason": r.finish_reason, "model_calls": 1,
-                                 **{k: r.raw[k] for k in ("prompt_ids", "completion_ids") if k in r.raw}})
+                                 **{k: r.raw[k] for k in ("prompt_ids", "completion_ids", "logprobs") if k in r.raw}})
 
 
 def model_option(policy: str, model: Any, base_url: str | None, api_key: str | None) -> ChatModel:

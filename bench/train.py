@@ -1,0 +1,211 @@
+"""Training and generation throughput of the policy model, and its peak memory.
+
+    .venv/bin/python bench/train.py                          # CPU: the tiny model; GPU: also a 0.5B Qwen2
+    .venv/bin/python bench/train.py --steps 8 --seq-len 2500 --out bench/results
+
+CPU (always): the tiny model of configs/model-tiny.yaml (random init; the tokenizer does not
+matter for speed, so the vocabulary is set to its configured size), one SFT step as the
+trainer does it (one sequence of --seq-len tokens, the loss on the last --answer-len,
+logits only there), at 1 and 2 threads, fp32 and bf16 autocast (where the CPU has native
+bf16). Then `generate` tokens/s (greedy, --gen-tokens new tokens after a --seq-len prompt).
+Each configuration runs in a subprocess of its own, so its peak RSS is its own.
+
+GPU (where torch sees one): the same on a random-initialised Qwen2 of the 0.5B shape
+(hidden 896, 24 layers, vocab 151936) in bf16: training tokens/s and peak allocated
+memory, and `generate` tokens/s at batch 1 and 8. Where there is no GPU the JSON says so,
+with the reason; no GPU number is ever estimated.
+
+Prints a table and writes JSON (bench/results/train.json). Timings on a shared machine are
+noisy: the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def tiny_shape() -> dict:
+    import yaml
+    c = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model-tiny.yaml").read_text())
+    return dict(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
+                num_key_value_heads=c["num_kv_heads"], vocab_size=c["tokenizer"]["vocab_size"],
+                max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=c["tie_word_embeddings"])
+
+
+# ---- one measurement, in a subprocess ---------------------------------------------------------------
+
+def measure(spec: dict) -> dict:
+    import resource
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    device = spec["device"]
+    if device == "cpu":
+        torch.set_num_threads(spec["threads"])
+    model = Qwen2ForCausalLM(Qwen2Config(**spec["shape"])).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    T, A = spec["seq_len"], spec["answer_len"]
+    vocab = spec["shape"]["vocab_size"]
+    out = {**{k: v for k, v in spec.items() if k != "shape"}, "parameters": n_params}
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if spec["what"] == "train":
+        bf16 = spec["precision"] == "bf16"
+        if device == "cuda" and bf16:
+            model = model.to(torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(0, vocab, (spec["batch"], T), device=device)
+        times = []
+        for step in range(spec["steps"] + 1):
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16 and device == "cpu"):
+                logits = model(input_ids=ids, logits_to_keep=A + 1).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, -A:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if step:                       # the first step warms up kernels and allocators
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        med = times[len(times) // 2]
+        out.update(step_s=round(med, 3), tokens_per_s=round(spec["batch"] * T / med, 1))
+    else:
+        model.eval()
+        ids = torch.randint(0, vocab, (spec["batch"], T), device=device)
+        if device == "cuda":
+            model = model.to(torch.bfloat16)
+        kw = dict(max_new_tokens=spec["gen_tokens"], min_new_tokens=spec["gen_tokens"], do_sample=False,
+                  pad_token_id=0)
+        with torch.no_grad():
+            model.generate(input_ids=ids[:, :64], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            sync()
+            t0 = time.perf_counter()
+            res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            sync()
+        dt = time.perf_counter() - t0
+        new = (res.shape[1] - T) * spec["batch"]
+        out.update(seconds=round(dt, 2), new_tokens=new, tokens_per_s=round(new / dt, 1))
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return out
+
+
+def run_one(spec: dict, timeout: float = 1800) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)))
+    res = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    if res.returncode != 0:
+        return {**{k: v for k, v in spec.items() if k != "shape"}, "error": res.stderr.strip().splitlines()[-1:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_info() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, f"no CUDA GPU on this machine (torch {torch.__version__}, CUDA build: {torch.version.cuda})"
+    return True, torch.cuda.get_device_name(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per configuration")
+    ap.add_argument("--seq-len", type=int, default=2500, help="tokens per sequence (our prompts are 1.5-3.5 k)")
+    ap.add_argument("--answer-len", type=int, default=400, help="answer tokens (the loss positions)")
+    ap.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generate() call")
+    ap.add_argument("--threads", default="1,2", help="CPU thread counts to measure")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return
+
+    console = Console()
+    load0 = os.getloadavg()
+    common = dict(seq_len=args.seq_len, answer_len=args.answer_len, steps=args.steps, gen_tokens=args.gen_tokens)
+    rows = []
+    tiny = tiny_shape()
+    precisions = ["fp32"] + (["bf16"] if cpu_bf16() else [])
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for prec in precisions:
+            spec = dict(common, what="train", device="cpu", threads=threads, precision=prec, batch=1,
+                        model="tiny", shape=tiny)
+            console.log(f"cpu train, tiny, {threads} thread(s), {prec}")
+            rows.append(run_one(spec))
+        spec = dict(common, what="generate", device="cpu", threads=threads, precision="fp32", batch=1,
+                    model="tiny", shape=tiny)
+        console.log(f"cpu generate, tiny, {threads} thread(s)")
+        rows.append(run_one(spec))
+
+    has_gpu, gpu = gpu_info()
+    gpu_section: dict = {"available": has_gpu}
+    if has_gpu:
+        gpu_section["device"] = gpu
+        for what, batch in (("train", 1), ("train", 4), ("generate", 1), ("generate", 8)):
+            spec = dict(common, what=what, device="cuda", threads=1, precision="bf16", batch=batch,
+                        model="qwen2-0.5b-random", shape=QWEN2_05B)
+            console.log(f"gpu {what}, 0.5B, batch {batch}")
+            rows.append(run_one(spec))
+    else:
+        gpu_section["reason"] = gpu
+        console.log(f"[yellow]no GPU measurements[/]: {gpu}")
+
+    results = {"bench": "train", "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "cpu_bf16": cpu_bf16(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+               "args": vars(args), "gpu": gpu_section, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "train.json"
+    path.write_text(json.dumps(results, indent=2))
+
+    t = Table(title=f"policy model throughput (seq {args.seq_len} tokens, loss on {args.answer_len}; "
+                    f"load avg {load0[0]:.1f} -> {results['loadavg_after'][0]:.1f})")
+    for c in ("what", "model", "params", "device", "threads", "precision", "batch", "tokens/s", "step s",
+              "peak RSS MiB", "peak GPU MiB"):
+        t.add_column(c, justify="left" if c in ("what", "model", "device", "precision") else "right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["what"], r["model"], "-", r["device"], str(r.get("threads")), r["precision"], str(r["batch"]),
+                      f"[red]{r['error']}[/]", "", "", "")
+            continue
+        t.add_row(r["what"], r["model"], f"{r['parameters'] / 1e6:.1f} M", r["device"], str(r["threads"]),
+                  r["precision"], str(r["batch"]), f"{r['tokens_per_s']:.0f}", str(r.get("step_s", "-")),
+                  f"{r['peak_rss_mib']:.0f}", str(r.get("peak_gpu_mib", "-")))
+    console.print(t)
+    if not has_gpu:
+        console.print(f"GPU: not measured ({gpu})")
+    console.print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""`remed train collect|data|sft|eval`: expert traces from real episodes, supervised
+fine-tuning on Ray Train, and evaluation by execution on held-out incidents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ._common import console, read_config
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _sft_config(config_file: Path | None, top: dict, train: dict, eval_: dict):
+    from e2e_reme.train.sft import SFTConfig
+    base = read_config(config_file)
+    merged = {**base, **{k: v for k, v in top.items() if v is not None}}
+    merged["train"] = {**(base.get("train") or {}), **{k: v for k, v in train.items() if v is not None}}
+    merged["eval"] = {**(base.get("eval") or {}), **{k: v for k, v in eval_.items() if v is not None}}
+    return SFTConfig.from_dict(merged)
+
+
+@app.command("collect")
+def collect(config_file: Path = typer.Option(..., "--config", help="SFT YAML with a collect section."),
+            parallel: int = typer.Option(None, "--parallel", "-j", help="Sandboxes side by side.")) -> None:
+    """Run the runbook policy on the config's suites (real episodes) for SFT traces; resumable."""
+    from dataclasses import replace
+
+    from e2e_reme.train.collect import CollectConfig, collect as run_collect
+    cfg = CollectConfig.from_dict(read_config(config_file).get("collect") or {})
+    if parallel:
+        cfg = replace(cfg, parallel=parallel)
+    plan = cfg.bench_configs()
+    console.print(f"{len(plan)} bench run(s) of the runbook policy into {cfg.out}")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}"), console=console) as prog:
+        task = prog.add_task("episodes", total=None, last="")
+        counts = {"total": 0, "done": 0}
+
+        def on_event(kind, payload):
+            if kind == "run":
+                prog.console.log(f"{payload.system}/{payload.suite} seed {payload.seed} -> {payload.out}")
+            elif kind == "cases":
+                todo, done, _ = payload
+                counts["total"] += len(todo) + len(done)
+                counts["done"] += len(done)
+                prog.update(task, total=counts["total"], completed=counts["done"])
+            elif kind == "step":
+                prog.update(task, last=f"[dim]{payload[1]}")
+            elif kind == "episode":
+                counts["done"] += 1
+                mark = "[green]✓[/]" if payload.outcome == "success" else "[red]✗[/]"
+                prog.console.log(f"{mark} {payload.id}: {payload.outcome}")
+                prog.update(task, completed=counts["done"])
+        results = run_collect(cfg, on_event=on_event)
+    t = Table(title="runbook traces")
+    for c in ("run", "cases", "successes", "skipped"):
+        t.add_column(c)
+    for bc, r in zip(plan, results):
+        t.add_row(f"{bc.system}/{bc.suite} s{bc.seed}", str(r["cases"]), str(r["successes"]), str(r["skipped"]))
+    console.print(t)
+
+
+@app.command("data")
+def data(config_file: Path = typer.Option(..., "--config", help="SFT YAML."),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """What SFT would train on: traces, held-out records, examples per fault/system/level."""
+    from e2e_reme.train.data import DataConfig, build_sft_data
+    d = build_sft_data(DataConfig.from_dict(read_config(config_file).get("data") or {})).stats()
+    if json_out:
+        print(json.dumps(d, indent=2, default=str))
+        return
+    console.print(f"{d['traces']} verified traces -> {d['examples']} examples; {d['held_out_records']} held-out "
+                  f"records left out; skipped: {d['skipped']}")
+    for k in ("by_fault", "by_system", "by_level"):
+        console.print(f"  {k[3:]}: " + ", ".join(f"{a} {b}" for a, b in d[k].items()))
+
+
+@app.command("sft")
+def sft(config_file: Path = typer.Option(..., "--config", help="SFT YAML, e.g. configs/sft-tiny.yaml."),
+        out: str = typer.Option(None, "--out", help="Run directory (a rerun resumes it)."),
+        model: str = typer.Option(None, "--model", help="A model directory to fine-tune instead of a tiny init."),
+        max_steps: int = typer.Option(None, "--max-steps"),
+        lm_steps: int = typer.Option(None, "--lm-steps", help="Plain-LM steps first (0 for a pretrained --model)."),
+        time_limit: float = typer.Option(None, "--time-limit", help="Stop training after this many seconds."),
+        workers: int = typer.Option(None, "--workers", help="Ray Train workers."),
+        address: str = typer.Option(None, "--address", help="Ray cluster to join (auto); none: a local Ray."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Train only; `remed train eval` later."),
+        eval_limit: int = typer.Option(None, "--eval-limit", help="At most N held-out cases per set.")) -> None:
+    """Expert-guided SFT on Ray Train (DDP; gloo on CPU), then held-out evaluation by execution."""
+    from e2e_reme.train.sft import run_sft
+    cfg = _sft_config(config_file, {"out": out, "model": model},
+                      {"max_steps": max_steps, "lm_steps": lm_steps, "time_limit_s": time_limit, "workers": workers,
+                       "ray_address": address},
+                      {"limit": eval_limit})
+    console.print(f"SFT run in {cfg.out}: {cfg.train.workers} worker(s), {cfg.train.max_steps} steps of "
+                  f"{cfg.train.batch_size} sequences")
+    with _progress() as prog:
+        summary = run_sft(cfg, on_event=_printer(prog), evaluate=False if no_eval else None)
+    console.print(f"[green]model[/] {summary['model']} (training {summary['train_s']:.0f} s, "
+                  f"data+init+tokenise {summary['prep_s']:.0f} s)")
+    if "eval" in summary:
+        print_eval(summary["eval"])
+
+
+@app.command("eval")
+def eval_(model: Path = typer.Option(..., "--model", help="The model directory to judge."),
+          config_file: Path = typer.Option(..., "--config", help="SFT YAML (its data.holdout and eval sections)."),
+          out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval]"),
+          limit: int = typer.Option(None, "--limit", help="At most N cases per set."),
+          json_out: bool = typer.Option(False, "--json")) -> None:
+    """Held-out execution success of a model: real episodes, per fault type and failure stage."""
+    from e2e_reme.train.evaluate import run_eval
+    cfg = _sft_config(config_file, {}, {}, {"limit": limit})
+    with _progress() as prog:
+        results = run_eval(model, cfg.eval, cfg.data.holdout, out or model.resolve().parent / "eval",
+                           on_event=None if json_out else _printer(prog))
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return
+    print_eval(results)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[last]}"), console=console)
+
+
+def _printer(prog: Progress):
+    """Events of a run as log lines, and progress bars for training steps and held-out cases."""
+    log = prog.console.log
+    tasks: dict[str, int] = {}
+
+    def on_event(kind, payload):
+        if kind == "data":
+            log(f"data: {payload['traces']} verified traces -> {payload['examples']} examples "
+                f"({payload['held_out_records']} held-out records left out)")
+        elif kind == "init":
+            log(f"initialising the tiny model (tokenizer trained on the training split) in {payload}")
+        elif kind == "tokens":
+            log(f"tokenised: {payload}")
+        elif kind == "resume":
+            log(f"resuming from {payload}")
+        elif kind == "fit":
+            log(f"Ray Train: {payload['workers']} worker(s), {'GPU' if payload['gpu'] else 'CPU (gloo)'}")
+            tasks["train"] = prog.add_task("training", total=payload["max_steps"], completed=payload["start_step"],
+                                           last="")
+        elif kind == "step" and "train" in tasks:
+            prog.update(tasks["train"], completed=payload["step"],
+                        last=f"loss {payload['loss']:.4f}  {payload['tokens_per_s']:.0f} tok/s")
+        elif kind == "trained":
+            log(f"model exported to {payload['model']}")
+        elif kind == "eval_cases":
+            log(f"evaluation: {payload['total']} held-out cases ({payload['todo']} to run, "
+                f"{payload['skipped']} skipped here)")
+            tasks["eval"] = prog.add_task("held-out episodes", total=payload["total"],
+                                          completed=payload["total"] - payload["todo"], last="")
+        elif kind == "eval_slot":
+            log(payload)
+        elif kind == "eval_step" and "eval" in tasks:
+            prog.update(tasks["eval"], last=f"[dim]{payload}")
+        elif kind == "eval_episode":
+            mark = "[green]✓[/]" if payload["outcome"] == "success" else "[red]✗[/]"
+            log(f"{mark} {payload['id']}: {payload['outcome']}"
+                + (f" at {payload['stage']}: {str(payload['reason'])[:100]}" if payload["outcome"] != "success" else ""))
+            if "eval" in tasks:
+                prog.advance(tasks["eval"])
+    return on_event
+
+
+def print_eval(results: dict) -> None:
+    t = Table(title=f"held-out execution success ({results.get('suite')} suite)")
+    for c, j in (("set", "left"), ("fault", "left"), ("cases", "right"), ("success", "right"),
+                 ("rate [95% CI]", "right"), ("failures stopped at", "left"), ("tokens/case", "right")):
+        t.add_column(c, justify=j)
+
+    def row(s, f, g, style=""):
+        toks = (f"{g['prompt_tokens_per_case']:.0f}+{g['completion_tokens_per_case']:.0f}"
+                if g["prompt_tokens_per_case"] is not None else "-")
+        t.add_row(s, f, str(g["cases"]), str(g["successes"]),
+                  f"{g['success_rate']:.0%} [{g['ci95'][0]:.0%}, {g['ci95'][1]:.0%}]",
+                  ", ".join(f"{k} {v}" for k, v in g["failure_stages"].items()) or "-", toks, style=style)
+
+    for s, faults in results["per_set_fault"].items():
+        for f, g in faults.items():
+            row(s, f, g)
+        row(s, "all", results["per_set"][s], style="bold")
+    for f, g in results["per_fault"].items():
+        row("all", f, g)
+    row("all", "all", results["overall"], style="bold")
+    console.print(t)
+    if results.get("chart"):
+        console.print(f"chart: {results['chart']}")

@@ -1,0 +1,112 @@
+"""Rollout engines: a batch of prompts in, completions with prompt ids, completion ids and
+log-probabilities out, consistent with a forward pass of the same model; vLLM has the
+same contract and runs only where a GPU is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2e_reme.simulators.policies.base import PolicyContext, make_policy
+from e2e_reme.train.data import DataConfig, build_sft_data, corpus_texts, inventory_hosts
+from e2e_reme.train.errors import EngineUnavailable
+from e2e_reme.train.format import build_messages, prompt_ids
+from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
+from e2e_reme.train.rollout import (EngineChatModel, SamplingParams, TransformersEngine, VLLMEngine, make_engine,
+                                    vllm_available)
+
+EPISODES = Path(__file__).parent / "data" / "train-episodes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    data = build_sft_data(DataConfig(episodes=(str(EPISODES),)))
+    path = init_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                  tokenizer=TokenizerConfig(vocab_size=1024), seed=1),
+                      tmp_path_factory.mktemp("roll") / "tiny", corpus_texts(data.train))
+    return TransformersEngine(path, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    recs = [json.loads(l) for l in EPISODES.read_text().splitlines()][:3]
+    return [build_messages(r["report"], inventory_hosts(r["report"])) for r in recs]
+
+
+def forward_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def test_completions_carry_prompt_ids_completion_ids_and_one_logprob_per_token(engine, prompts):
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12))
+    assert len(outs) == len(prompts)
+    for msgs, group in zip(prompts, outs):
+        (c,) = group
+        assert c.prompt_ids == prompt_ids(engine.tokenizer, msgs)
+        assert 0 < len(c.completion_ids) <= 12 and len(c.logprobs) == len(c.completion_ids)
+        assert c.finish_reason in ("stop", "length")
+        assert c.text == engine.tokenizer.decode(c.completion_ids, skip_special_tokens=True)
+
+
+def test_logprobs_match_a_forward_pass_of_the_same_model(engine, prompts):
+    # Sampled at a high temperature, so unlikely tokens are scored too; padding in the batch
+    # (prompts of different lengths) must not change them.
+    outs = engine.generate(prompts, SamplingParams(temperature=1.5, top_p=1.0, max_tokens=16, seed=3))
+    for group in outs:
+        c = group[0]
+        ref = forward_logprobs(engine.model, c.prompt_ids, c.completion_ids)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=2e-3), (c.logprobs, ref.tolist())
+
+
+def test_n_samples_per_prompt_and_a_seed_reproduces_them(engine, prompts):
+    p = SamplingParams(temperature=1.0, n=3, max_tokens=8, seed=7)
+    a = engine.generate(prompts[:2], p)
+    b = engine.generate(prompts[:2], p)
+    assert [len(g) for g in a] == [3, 3]
+    assert [[c.completion_ids for c in g] for g in a] == [[c.completion_ids for c in g] for g in b]
+
+
+def test_a_prompt_given_as_ids_is_the_same_prompt(engine, prompts):
+    ids = prompt_ids(engine.tokenizer, prompts[0])
+    a = engine.generate([prompts[0]], SamplingParams(max_tokens=8))[0][0]
+    b = engine.generate([ids], SamplingParams(max_tokens=8))[0][0]
+    assert a.completion_ids == b.completion_ids
+
+
+def test_the_solo_policy_runs_a_local_model_through_the_engine_and_keeps_ids(engine):
+    rec = json.loads(EPISODES.read_text().splitlines()[0])
+    ctx = PolicyContext(report=rec["report"], inventory_hosts=("n0", "n1"), system="boutique")
+    policy = make_policy("solo", model=EngineChatModel(engine), max_tokens=8)
+    gen = policy.generate(ctx, [])
+    assert gen.extra["prompt_ids"] and len(gen.extra["logprobs"]) == len(gen.extra["completion_ids"])
+    assert gen.prompt_tokens == len(gen.extra["prompt_ids"])
+
+
+def test_auto_picks_transformers_where_vllm_cannot_run(engine):
+    if vllm_available()[0]:
+        pytest.skip("vLLM can run here; auto would pick it")
+    assert isinstance(make_engine(str(engine.path), kind="auto"), TransformersEngine)
+
+
+def test_asking_for_vllm_where_it_cannot_run_says_why(engine):
+    ok, why = vllm_available()
+    if ok:
+        pytest.skip("vLLM can run here")
+    with pytest.raises(EngineUnavailable, match="vLLM engine: "):
+        make_engine(str(engine.path), kind="vllm")
+
+
+@pytest.mark.skipif(not vllm_available()[0], reason=f"vLLM engine: {vllm_available()[1]}")
+def test_vllm_has_the_same_contract(engine, prompts):
+    v = VLLMEngine(str(engine.path), dtype="float32")
+    outs = v.generate(prompts, SamplingParams(temperature=1.0, max_tokens=16, seed=0))
+    for msgs, (c,) in zip(prompts, outs):
+        assert c.prompt_ids == prompt_ids(v.tokenizer, msgs)
+        ref = forward_logprobs(engine.model, c.prompt_ids, c.completion_ids)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=5e-2)

@@ -1,0 +1,263 @@
+"""Rollout engines: a batch of prompts and sampling parameters in, completions with their
+token ids and log-probabilities out. One contract, two engines:
+
+    engine = make_engine("runs/sft-tiny/model")             # vLLM where importable and a GPU is
+                                                            # present, else transformers
+    outs = engine.generate([messages_a, prompt_ids_b], SamplingParams(temperature=1.0, n=4))
+    outs[0][2].prompt_ids, .completion_ids, .logprobs, .text, .finish_reason
+
+`outs[i]` holds the `n` completions of prompt i. A prompt is either chat messages
+(rendered by `train.format.prompt_ids`, the one prompt format) or token ids already.
+
+`logprobs[t]` is log p(completion_ids[t] | prompt, completion_ids[:t]) under the model's
+raw distribution (temperature 1, no top-p), whatever the sampling parameters: the number
+an RL loss compares its forward pass with. The transformers engine reads it from
+`generate`'s raw logits; vLLM is asked for `raw_logprobs`. A test checks the transformers
+engine's numbers against a forward pass of the same model.
+
+`EngineChatModel` wraps an engine as the benchmark's `ChatModel`, so the `solo`/`think`
+policies can run a local model through it and their records keep the ids and logprobs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from .errors import EngineUnavailable, TrainError
+from .format import prompt_ids as _prompt_ids
+
+ENGINES = ("auto", "transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0           # 0: greedy
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    n: int = 1                         # completions per prompt
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    completion_ids: list[int]          # ends with the end-of-turn token when finish_reason is "stop"
+    logprobs: list[float]              # one per completion id
+    text: str                          # decoded without special tokens
+    finish_reason: str                 # "stop" | "length"
+    latency_s: float = 0.0             # of the whole batch it came in
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    name: str
+    tokenizer: Any
+
+    def generate(self, prompts: Sequence[Sequence[dict] | Sequence[int]],
+                 params: SamplingParams = SamplingParams()) -> list[list[Completion]]: ...
+
+
+def _as_ids(tokenizer: Any, prompt: Sequence[dict] | Sequence[int]) -> list[int]:
+    if len(prompt) and isinstance(prompt[0], dict):
+        return _prompt_ids(tokenizer, prompt)
+    if all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise TrainError("a prompt is a list of chat messages or a list of token ids")
+
+
+def _check_params(p: SamplingParams) -> None:
+    if p.n < 1 or p.max_tokens < 1:
+        raise TrainError(f"sampling: n ({p.n}) and max_tokens ({p.max_tokens}) must be at least 1")
+    if p.temperature < 0 or not 0 < p.top_p <= 1:
+        raise TrainError(f"sampling: temperature {p.temperature} must be >= 0 and top_p {p.top_p} in (0, 1]")
+
+
+class TransformersEngine:
+    """`model.generate` on the model's device (CPU or GPU), in micro-batches of
+    `batch_size` sequences, left-padded."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, device: str = "auto", dtype: str = "auto", batch_size: int = 8):
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .model import load_model
+            model = load_model(model, device=device, dtype=dtype)
+        # A loaded TransformersChatModel (the benchmark's local model): share its weights.
+        self.chat_model = model
+        self.model = model.model
+        self.tokenizer = model.tokenizer
+        self.device = model.device
+        self.path = getattr(model, "path", None)
+        self.batch_size = max(1, int(batch_size))
+        self.model.eval()
+
+    def __repr__(self) -> str:
+        return f"TransformersEngine({str(self.path)!r}, device={self.device!r})"
+
+    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+        _check_params(params)
+        ids = [_as_ids(self.tokenizer, p) for p in prompts]
+        flat = [(i, p) for i, p in enumerate(ids) for _ in range(params.n)]
+        out: list[list[Completion]] = [[] for _ in ids]
+        if params.seed is not None:
+            import torch
+            torch.manual_seed(params.seed)
+        # Longest first, so a micro-batch pads little.
+        order = sorted(range(len(flat)), key=lambda k: -len(flat[k][1]))
+        done: dict[int, Completion] = {}
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b:b + self.batch_size]
+            for k, c in zip(chunk, self._generate_batch([flat[k][1] for k in chunk], params)):
+                done[k] = c
+        for k, (i, _) in enumerate(flat):
+            out[i].append(done[k])
+        return out
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+        import torch
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        width = max(len(p) for p in batch)
+        input_ids = torch.full((len(batch), width), pad if pad is not None else 0, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, p in enumerate(batch):
+            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention[r, width - len(p):] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=params.max_tokens, return_dict_in_generate=True,
+                                      output_logits=True, pad_token_id=pad if pad is not None else 0,
+                                      eos_token_id=sorted(eos_ids) or None)
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        t0 = time.monotonic()
+        with torch.no_grad():
+            res = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                      **kwargs)
+        latency = time.monotonic() - t0
+        seqs = res.sequences[:, width:].cpu()
+        # Raw logits per step -> log-probabilities of the chosen tokens, step by step, so a
+        # real vocabulary never needs (steps x batch x vocab) log-softmaxed at once.
+        chosen = torch.zeros(seqs.shape, dtype=torch.float32)
+        for t, logits in enumerate(res.logits):
+            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            chosen[:, t] = lp.gather(1, seqs[:, t:t + 1]).squeeze(1)
+        outs = []
+        for r, p in enumerate(batch):
+            comp = seqs[r].tolist()
+            end = next((i for i, t in enumerate(comp) if t in eos_ids), None)
+            if end is not None:
+                comp, finish = comp[:end + 1], "stop"
+            else:
+                finish = "length"
+            outs.append(Completion(prompt_ids=list(p), completion_ids=comp, logprobs=chosen[r, :len(comp)].tolist(),
+                                   text=tok.decode(comp, skip_special_tokens=True), finish_reason=finish,
+                                   latency_s=round(latency, 3)))
+        return outs
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM` on a GPU, given token ids (no second tokenisation) and asked for
+    the raw log-probability of each sampled token. An optional dependency
+    (`pip install '.[vllm]'`), never installed by `make test`."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, seed: int = 0):
+        ok, why = vllm_available()
+        if not ok:
+            raise EngineUnavailable(f"vLLM engine: {why}")
+        import vllm
+        from .model import check_model_dir
+        self.path = check_model_dir(path)
+        kw: dict[str, Any] = dict(model=str(self.path), dtype=dtype, seed=seed,
+                                  gpu_memory_utilization=gpu_memory_utilization)
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        try:
+            self.llm = vllm.LLM(**kw, logprobs_mode="raw_logprobs")
+        except TypeError:        # a vLLM older than the logprobs_mode option returns raw ones already
+            self.llm = vllm.LLM(**kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._vllm = vllm
+
+    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+        _check_params(params)
+        ids = [_as_ids(self.tokenizer, p) for p in prompts]
+        sp = self._vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                       max_tokens=params.max_tokens, seed=params.seed, logprobs=0)
+        t0 = time.monotonic()
+        results = self.llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
+        latency = time.monotonic() - t0
+        out = []
+        for p, r in zip(ids, results):
+            group = []
+            for c in r.outputs:
+                toks = list(c.token_ids)
+                lps = [float(step[t].logprob) for t, step in zip(toks, c.logprobs or [])]
+                group.append(Completion(prompt_ids=list(p), completion_ids=toks, logprobs=lps, text=c.text,
+                                        finish_reason="stop" if c.finish_reason == "stop" else "length",
+                                        latency_s=round(latency, 3)))
+            out.append(group)
+        return out
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(True, "") where vLLM can run: importable and a CUDA GPU present; else why not."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU on this machine (vLLM runs on a GPU); use the transformers engine"
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False, "vllm is not installed: pip install '.[vllm]' on a GPU machine"
+    return True, ""
+
+
+def make_engine(path: str, kind: str = "auto", device: str = "auto", dtype: str = "auto",
+                batch_size: int = 8) -> RolloutEngine:
+    """The engine for a local model directory: `auto` picks vLLM where it can run, else
+    transformers; naming `vllm` where it cannot is an error saying why."""
+    if kind not in ENGINES:
+        raise TrainError(f"rollout engine '{kind}': use one of {', '.join(ENGINES)}")
+    if kind == "vllm" or (kind == "auto" and vllm_available()[0]):
+        return VLLMEngine(path, dtype=dtype)
+    return TransformersEngine(path, device=device, dtype=dtype, batch_size=batch_size)
+
+
+class EngineChatModel:
+    """An engine as the benchmark's ChatModel (`chat(messages) -> ChatResponse`): the
+    policies `solo` and `think` take it as `model=`; `raw` carries prompt_ids,
+    completion_ids and logprobs into the episode record."""
+
+    def __init__(self, engine: RolloutEngine, name: str | None = None):
+        self.engine = engine
+        self.name = name or str(getattr(engine, "path", None) or engine.name).rstrip("/").split("/")[-1]
+
+    def chat(self, messages, *, tools=None, temperature: float = 0.0, max_tokens: int = 1024,
+             seed: int | None = None):
+        from e2e_reme.simulators.policies.models import ChatResponse, ModelError, plain_messages
+        t0 = time.monotonic()
+        try:
+            c = self.engine.generate([plain_messages(messages)],
+                                     SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed))[0][0]
+        except TrainError:
+            raise
+        except Exception as e:
+            raise ModelError(f"local model {self.name} failed to generate: {type(e).__name__}: {e}",
+                             kind="local") from e
+        return ChatResponse(text=c.text, prompt_tokens=len(c.prompt_ids), completion_tokens=len(c.completion_ids),
+                            finish_reason=c.finish_reason, latency_s=time.monotonic() - t0,
+                            raw={"prompt_ids": c.prompt_ids, "completion_ids": c.completion_ids,
+                                 "logprobs": c.logprobs, "engine": self.engine.name})

@@ -1,0 +1,712 @@
+"""Expert-guided supervised fine-tuning of the policy model, on Ray Train.
+
+The algorithm. Each example is one verified remediation: the benchmark's SoloGen prompt
+for a diagnosis report (system prompt + report + inventory, `train.format`) and the
+answer the expert runbook gave, which the verifier judged to have fixed the live system
+(plus consistent rewrites of it, `train.data`). The model is trained by next-token
+cross-entropy on the answer tokens only (the prompt is context, not target), averaged
+over all answer tokens of a global batch. Workers hold a replica each (DDP; FSDP as an
+option for models that do not fit one device) and see disjoint sequences of the same
+global batch; the gradients are all-reduced once per optimizer step. AdamW, linear
+warmup, cosine decay to `min_lr_ratio`, gradient clipping. Checkpoints are Hugging Face
+model directories (plus optimizer and step), so any of them is a model the benchmark can
+run; a rerun of the same command resumes from the last one. Then the final model is
+judged by execution on held-out scenarios (`train.evaluate`).
+
+A tiny model starts from random weights: it knows no language and, above all, cannot copy
+(a playbook is a template plus names copied from the report: the service, its unit, its
+port, a transient unit's random name). Its first `lm_steps` steps are therefore plain
+language modelling (loss on every token) on windows cut from the same training
+transcripts, half of them ending with the answer: a stand-in for the pretraining a real
+model has had, on the training split's own text and nothing else. For a real model
+`lm_steps` is 0 and every step is SFT.
+
+What is simplified. One sequence per forward pass in SFT (no packing, no padding: the
+prompts are 1.5-3.5 k tokens and similar in length); the logits are computed only over
+the answer positions (`logits_to_keep`), which the loss mask allows. The learning-rate schedule is
+by step, and a `time_limit_s` stops early (with a checkpoint) rather than reshaping it.
+LoRA trains adapters and the final model is exported merged. No evaluation loss during
+training: the score that matters is the held-out execution success at the end.
+
+Launch (this machine, CPU, 2 DDP workers over gloo; the data first, from sandboxes):
+
+    remed train collect --config configs/sft-tiny.yaml
+    nice -n 10 remed train sft --config configs/sft-tiny.yaml
+
+A real model on a GPU (see configs/sft-gpu-example.yaml and docs/train.md):
+
+    remed train sft --config configs/sft-gpu-example.yaml --model /models/Qwen2.5-0.5B-Instruct
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .data import DataConfig, SFTData, build_sft_data, corpus_texts
+from .errors import TrainError
+from .evaluate import EvalConfig
+from .format import encode_example
+from .model import ModelConfig, check_keys, check_model_dir, init_model
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    workers: int = 2                   # Ray Train workers (DDP replicas)
+    use_gpu: str = "auto"              # auto | true | false
+    threads_per_worker: int = 1        # torch intra-op threads per CPU worker
+    max_steps: int = 400               # optimizer steps
+    batch_size: int = 4                # sequences per optimizer step, all workers together
+    lr: float = 1e-3
+    lm_steps: int = 0                  # first steps: plain LM on windows of the training transcripts (a
+    lm_window: int = 512               # random tiny model learns the language of reports and to copy
+    lm_windows: int = 16               # names first); windows per step, all workers together
+    lm_answer_share: float = 0.5       # of the windows, those ending with the answer
+    lm_head: int = 0                   # >0: those windows start with the prompt's first lm_head tokens
+                                       # (system prompt + the report's header, where the names are)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"            # auto (bf16 where the device has it) | bf16 | fp32
+    checkpoint_every: int = 100        # steps; and always at the end
+    keep_checkpoints: int = 2
+    log_every: int = 5
+    time_limit_s: float | None = None  # stop (with a checkpoint) after this long
+    lora: LoraConfig | None = None     # train LoRA adapters instead of all weights
+    fsdp: bool = False                 # shard the model (real sizes, several GPUs)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    ray_address: str | None = None     # None: a local Ray of this machine; "auto": join a cluster
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    out: str = "runs/sft-tiny"
+    model: str = ""                    # a model directory to fine-tune; "" : init a tiny one (model_config)
+    model_config: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], base_dir: Path | None = None) -> "SFTConfig":
+        d = dict(d or {})
+        d.pop("collect", None)          # `remed train collect`'s section (train.collect)
+        check_keys("sft config", d, cls)
+        mc = d.get("model_config")
+        if isinstance(mc, str):          # a path to the model YAML, relative to the config file's repo
+            import yaml
+            p = Path(mc)
+            if not p.is_file():
+                raise TrainError(f"sft config: model_config {mc}: no such file")
+            d["model_config"] = ModelConfig.from_dict(yaml.safe_load(p.read_text()) or {})
+        elif isinstance(mc, Mapping):
+            d["model_config"] = ModelConfig.from_dict(mc)
+        if isinstance(d.get("data"), Mapping):
+            d["data"] = DataConfig.from_dict(d["data"])
+        if isinstance(d.get("train"), Mapping):
+            t = dict(d["train"])
+            check_keys("sft config: train", t, TrainConfig)
+            if isinstance(t.get("lora"), Mapping):
+                check_keys("sft config: train.lora", t["lora"], LoraConfig)
+                lo = dict(t["lora"])
+                if "target_modules" in lo:
+                    lo["target_modules"] = tuple(lo["target_modules"])
+                t["lora"] = LoraConfig(**lo)
+            t["use_gpu"] = str(t.get("use_gpu", "auto")).lower()
+            d["train"] = TrainConfig(**t)
+        if isinstance(d.get("eval"), Mapping):
+            d["eval"] = EvalConfig.from_dict(d["eval"])
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        t = self.train
+        if t.use_gpu not in ("auto", "true", "false"):
+            raise TrainError(f"train.use_gpu '{t.use_gpu}': use auto, true or false")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise TrainError(f"train.precision '{t.precision}': use auto, bf16 or fp32")
+        if t.workers < 1 or t.batch_size < t.workers:
+            raise TrainError(f"train.batch_size {t.batch_size} must be at least train.workers {t.workers} (>= 1)")
+        if t.max_steps < 1:
+            raise TrainError("train.max_steps must be at least 1")
+        if t.lora and t.fsdp:
+            raise TrainError("train.lora with train.fsdp is not supported: LoRA adapters are small enough for DDP")
+        if t.lm_steps and self.model:
+            raise TrainError("train.lm_steps is for a tiny model initialised from random weights; a given model "
+                             f"({self.model}) has been pretrained: set lm_steps: 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the driver: data, model, Ray Train, export, evaluation ---------------------------------------
+
+def run_sft(config: SFTConfig, *, on_event: Callable[[str, Any], None] | None = None,
+            evaluate: bool | None = None) -> dict:
+    """Train (or resume) and evaluate; return the run's summary (also out/summary.json)."""
+    emit = on_event or (lambda kind, payload: None)
+    out = Path(config.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, config)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+    # 1. Data: verified traces, held out by system and service, augmented.
+    t0 = time.monotonic()
+    data = build_sft_data(config.data)
+    emit("data", data.stats())
+
+    # 2. The base model: a given directory, or a tiny one initialised on the training split's texts
+    #    (never the held-out ones), once per run directory.
+    base = Path(config.model) if config.model else out / "init"
+    if config.model:
+        check_model_dir(base)
+    elif not (base / "config.json").is_file():
+        if base.exists():
+            shutil.rmtree(base)      # an init interrupted half-way
+        emit("init", str(base))
+        init_model(config.model_config, base, corpus_texts(data.train))
+    emit("model", str(base))
+
+    # 3. Tokenise once; workers read the ids. A resumed run keeps the dataset it started with
+    #    (episodes collected since then wait for a new run), so its batches stay the same.
+    if latest_checkpoint(out) is not None and (out / "data" / "dataset.json").is_file():
+        dataset = json.loads((out / "data" / "dataset.json").read_text())
+    else:
+        dataset = tokenize(data, base, out / "data", config.data.max_len)
+    emit("tokens", dataset["stats"])
+
+    # 4. Train on Ray (resuming from the last checkpoint, if any).
+    prep_s = time.monotonic() - t0
+    t1 = time.monotonic()
+    result = fit(config, base, out, emit)
+    train_s = time.monotonic() - t1
+
+    # 5. Export the last checkpoint as the run's model.
+    last = latest_checkpoint(out)
+    if last is None:
+        raise TrainError(f"training in {out} ended without a checkpoint; see {out / 'ray'}")
+    model_dir = export_model(last, out / "model", config, data, dataset["stats"])
+    summary = {"model": str(model_dir), "checkpoint": str(last), "prep_s": round(prep_s, 1),
+               "train_s": round(train_s, 1), "data": data.stats(), "tokens": dataset["stats"],
+               "last_metrics": result.get("metrics")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    emit("trained", summary)
+
+    # 6. Judge by execution on held-out scenarios.
+    if evaluate if evaluate is not None else config.eval.enabled:
+        from .evaluate import run_eval
+        t2 = time.monotonic()
+        summary["eval"] = run_eval(model_dir, config.eval, config.data.holdout, out / "eval", on_event=emit)
+        summary["eval_s"] = round(time.monotonic() - t2, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _check_resume(out: Path, config: SFTConfig) -> None:
+    """A run directory resumes only the same experiment: data, model and the training
+    settings that shape the weights must match (time limits and evaluation may change)."""
+    saved = out / "config.json"
+    if not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    new = json.loads(json.dumps(config.to_dict(), default=str))
+    volatile = {"time_limit_s", "checkpoint_every", "keep_checkpoints", "log_every", "ray_address", "max_steps"}
+    diff = [k for k in ("model", "model_config", "data") if old.get(k) != new.get(k)]
+    diff += [f"train.{k}" for k in new["train"] if k not in volatile and old.get("train", {}).get(k) != new["train"][k]]
+    if diff:
+        raise TrainError(f"{out} holds a run with another {', '.join(diff)}; resume it with the same settings "
+                         f"or choose another --out")
+
+
+def tokenize(data: SFTData, model_dir: Path, out: Path, max_len: int) -> dict:
+    """Encode every example with the model's tokenizer into out/train.jsonl (ids, prompt
+    length, meta); reused when examples and tokenizer are unchanged."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    h = hashlib.sha256()
+    h.update(json.dumps([[e.messages, e.answer] for e in data.train], sort_keys=True).encode())
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / f).is_file():
+            h.update((model_dir / f).read_bytes())
+    h.update(str(max_len).encode())
+    fp = h.hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path, path = out / "dataset.json", out / "train.jsonl"
+    if meta_path.is_file() and path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fp:
+            return meta
+    kept, too_long, prompt_tokens, answer_tokens = 0, 0, 0, 0
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for e in data.train:
+            enc = encode_example(tok, e.messages, e.answer, e.meta)
+            if len(enc.input_ids) > max_len:
+                too_long += 1
+                continue
+            kept += 1
+            prompt_tokens += enc.prompt_len
+            answer_tokens += enc.answer_len
+            f.write(json.dumps(enc.to_dict()) + "\n")
+    os.replace(tmp, path)
+    if not kept:
+        raise TrainError(f"every example is longer than data.max_len={max_len} tokens; raise it (the model's "
+                         f"max_position_embeddings permitting)")
+    meta = {"fingerprint": fp, "path": str(path),
+            "stats": {"examples": kept, "too_long": too_long, "prompt_tokens": prompt_tokens,
+                      "answer_tokens": answer_tokens, "mean_len": round((prompt_tokens + answer_tokens) / kept, 1)}}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _use_gpu(config: TrainConfig) -> bool:
+    if config.use_gpu == "auto":
+        import torch
+        return torch.cuda.is_available()
+    return config.use_gpu == "true"
+
+
+def fit(config: SFTConfig, base: Path, out: Path, emit) -> dict:
+    import logging
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = config.train
+    gpu = _use_gpu(t)
+    if t.fsdp and not gpu:
+        raise TrainError("train.fsdp needs GPUs (Ray Train shards with FSDP only on GPU workers); on CPU use DDP "
+                         "(fsdp: false), or LoRA for a model too large to train whole")
+    owns = not ray.is_initialized()
+    if owns:
+        # Worker output stays in Ray's session logs; the driver shows progress from metrics.jsonl.
+        kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                                  namespace="e2e-reme-train")
+        if t.ray_address:
+            kw["address"] = t.ray_address
+        else:
+            # A fresh local Ray, never one another process started on this machine.
+            kw.update(address="local", num_cpus=max(t.workers * (0 if gpu else t.threads_per_worker), 1) + 1)
+        ray.init(**kw)
+    try:
+        # Resuming: Ray Train restores the run's last reported checkpoint itself (same storage
+        # path and name); the one found on disk is the fallback where its snapshot is gone.
+        last = latest_checkpoint(out)
+        if last is not None:
+            emit("resume", str(last))
+        loop_config = {"base": str(base), "out": str(out), "data": str(out / "data" / "train.jsonl"),
+                       "train": asdict(t), "gpu": gpu, "resume": str(last) if last is not None else None}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=gpu,
+                                         resources_per_worker=None if gpu else {"CPU": t.threads_per_worker}),
+            run_config=RunConfig(name="sft", storage_path=str(out / "ray"),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        emit("fit", {"workers": t.workers, "gpu": gpu, "max_steps": t.max_steps,
+                     "start_step": _step_of(last) if last is not None else 0})
+        with _MetricsTail(out / "metrics.jsonl", lambda m: emit("step", m)):
+            result = trainer.fit()
+        return {"metrics": dict(result.metrics or {}),
+                "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+class _MetricsTail:
+    """Follows metrics.jsonl (written by rank 0) from the driver, for a progress display."""
+
+    def __init__(self, path: Path, callback: Callable[[dict], None], every_s: float = 1.0):
+        import threading
+        self.path, self.callback, self.every_s = path, callback, every_s
+        self.pos = path.stat().st_size if path.exists() else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sft-metrics-tail", daemon=True)
+
+    def _poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.pos)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                self.pos += len(line.encode())
+                try:
+                    self.callback(json.loads(line))
+                except ValueError:
+                    continue
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        self._poll()
+        return False
+
+
+def _step_of(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's HF-format checkpoints, oldest first (by training step)."""
+    found = []
+    for p in (Path(out) / "ray").glob(f"sft/{CHECKPOINT_PREFIX}*/trainer_state.json"):
+        try:
+            found.append((json.loads(p.read_text())["step"], p.parent))
+        except (OSError, ValueError, KeyError):
+            continue    # a checkpoint cut short: not resumable
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cps = checkpoints(out)
+    return cps[-1] if cps else None
+
+
+def export_model(checkpoint: Path, dest: Path, config: SFTConfig, data: SFTData, token_stats: dict) -> Path:
+    """The checkpoint's model as a plain model directory (no optimizer state)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.is_file() and f.name not in ("optimizer.pt", "rng.pt"):
+            shutil.copy2(f, tmp / f.name)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (tmp / "e2e_reme_trained.json").write_text(json.dumps(
+        {"stage": "sft", "step": state.get("step"), "base": config.model or "init", "run": str(Path(config.out)),
+         "data": data.stats(), "tokens": token_stats, "holdout": asdict(config.data.holdout)}, indent=2, default=str))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+# ---- the worker loop (runs in each Ray Train worker) ---------------------------------------------
+
+def lr_at(step: int, t: Mapping[str, Any]) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    lr, warm, total = t["lr"], t["warmup_steps"], t["max_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return lr * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The global batch of a step: a stream of per-epoch permutations, cut into batches, so
+    that a resumed run sees exactly the batches it would have seen."""
+    import random
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = perm[offset:offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+def lm_windows(step: int, examples: list[dict], count: int, width: int, seed: int,
+               answer_share: float = 0.5, head: int = 0) -> list[list[int]]:
+    """The LM phase's batch: `count` windows of `width` tokens of random transcripts, the
+    same on every worker and on a resumed run. A share of them end where the transcript
+    ends (the answer and the report's tail, where the names repeat most), the rest start
+    anywhere. With `head`, an answer window is the prompt's first `head` tokens (where the
+    report names the service, its unit, host and port), then the prompt's last tokens
+    (inventory), then the answer: the answer's names are copied from a few hundred tokens
+    back instead of two thousand, which a tiny random model learns far sooner; the full
+    transcripts of the SFT steps then stretch the same copying over the whole report."""
+    import random
+    rng = random.Random(f"lm:{seed}:{step}")
+    width = min(width, min(len(e["input_ids"]) for e in examples))
+    out = []
+    for _ in range(count):
+        e = examples[rng.randrange(len(examples))]
+        ids = e["input_ids"]
+        if rng.random() < answer_share:
+            p = e["prompt_len"]
+            h = min(head, p, max(0, width - (len(ids) - p) - 1))
+            out.append((ids[:h] + ids[len(ids) - (width - h):]) if h else ids[len(ids) - width:])
+        else:
+            start = rng.randrange(len(ids) - width + 1)
+            out.append(ids[start:start + width])
+    return out
+
+
+def _bf16_ok(device) -> bool:
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    # Native bf16 dot products; without them autocast would be slower than fp32.
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def train_loop(cfg: dict) -> None:
+    import random
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    t = cfg["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg["gpu"]:
+        torch.set_num_threads(max(1, int(t["threads_per_worker"])))
+    torch.manual_seed(t["seed"] + rank)
+    random.seed(t["seed"] + rank)
+    device = ray.train.torch.get_device()
+
+    # The model: the last checkpoint, or the base model.
+    ckpt = ray.train.get_checkpoint()
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    source = cfg["base"]
+    ckpt_dir = ckpt.to_directory() if ckpt is not None else cfg.get("resume")
+    if ckpt_dir:
+        state = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
+        source = ckpt_dir
+    lora = t.get("lora")
+    if lora and t["fsdp"]:
+        raise ValueError("train.lora with train.fsdp is not supported: LoRA adapters are small enough for DDP")
+    if lora and ckpt_dir and Path(ckpt_dir, "adapter", "adapter_config.json").is_file():
+        from peft import PeftModel
+        model = AutoModelForCausalLM.from_pretrained(cfg["base"], local_files_only=True, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(Path(ckpt_dir, "adapter")), is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)
+        if lora:
+            from peft import LoraConfig as PeftLoraConfig, get_peft_model
+            model = get_peft_model(model, PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                         lora_dropout=lora["dropout"],
+                                                         target_modules=list(lora["target_modules"]),
+                                                         task_type="CAUSAL_LM"))
+    if t["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp" if t["fsdp"] else "ddp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.95), weight_decay=t["weight_decay"])
+    if ckpt_dir and Path(ckpt_dir, "optimizer.pt").is_file() and not t["fsdp"]:
+        opt.load_state_dict(torch.load(Path(ckpt_dir, "optimizer.pt"), map_location="cpu", weights_only=True))
+    use_bf16 = t["precision"] == "bf16" or (t["precision"] == "auto" and _bf16_ok(device))
+
+    # The data: every worker reads all ids (they are small) and takes its share of each batch.
+    examples = [json.loads(line) for line in Path(cfg["data"]).read_text().splitlines() if line.strip()]
+    n = len(examples)
+
+    log = _Logger(Path(cfg["out"]), enabled=rank == 0)
+    log.text(f"sft: {n} examples, {world} worker(s) on {device}, bf16 autocast {use_bf16}, "
+             f"from step {state['step']} of {t['max_steps']}")
+    step, t_start = state["step"], time.monotonic()
+    elapsed0 = state.get("elapsed_s", 0.0)
+    tokens_total = state.get("tokens", 0)
+    model.train()
+    while step < t["max_steps"]:
+        t_step = time.monotonic()
+        lm_phase = step < t["lm_steps"]
+        # This worker's share of the global batch, as (ids [rows, length], targets per row): the
+        # targets are the last positions of each row (predicted from the position before each).
+        # SFT: one sequence per pass, targets = its answer. LM phase: windows of lm_window
+        # tokens cut at random from the transcripts, stacked, targets = every token.
+        if lm_phase:
+            windows = lm_windows(step, examples, t["lm_windows"], t["lm_window"], t["seed"], t["lm_answer_share"],
+                                 t.get("lm_head", 0))
+            global_targets = sum(len(w) - 1 for w in windows)
+            mine_w = windows[rank::world]
+            parts = [(torch.tensor(mine_w, device=device), len(mine_w[0]) - 1)] if mine_w else []
+        else:
+            batch = batch_indices(step, n, t["batch_size"], t["seed"])
+            global_targets = sum(len(examples[i]["input_ids"]) - examples[i]["prompt_len"] for i in batch)
+            parts = [(torch.tensor([examples[i]["input_ids"]], device=device),
+                      len(examples[i]["input_ids"]) - examples[i]["prompt_len"]) for i in batch[rank::world]]
+        lr = lr_at(step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.float64)
+        for k, (ids, a) in enumerate(parts):
+            sync = k == len(parts) - 1 or not hasattr(model, "no_sync")
+            with (_nullcontext() if sync else model.no_sync()):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    # Logits only where there is a target.
+                    logits = model(input_ids=ids, logits_to_keep=a + 1).logits[:, :-1]
+                ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                       ids[:, -a:].reshape(-1), reduction="sum")
+                # Normalised by the targets of the whole global batch (every worker knows them),
+                # times the world size because DDP averages the workers' gradients.
+                (ce * world / global_targets).backward()
+            loss_sum += ce.detach().double().cpu()
+            tokens += ids.numel()
+        mine = parts
+        # A worker with no sequence this step still joins the all-reduce of the gradients.
+        if not mine:
+            (sum(p.sum() for p in params) * 0.0).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"]) if t["grad_clip"] else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        stats = torch.stack([loss_sum, tokens, torch.tensor(float(time.monotonic() - t_start + elapsed0 >
+                                                                     (t["time_limit_s"] or float("inf"))),
+                                                             dtype=torch.float64)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)     # loss and tokens summed; "over time" if any worker is
+        loss = stats[0].item() / global_targets
+        tokens_total += int(stats[1].item())
+        dt = time.monotonic() - t_step
+        over_time = stats[2].item() > 0
+        last = step >= t["max_steps"] or over_time
+        metrics = {"step": step, "loss": round(loss, 5), "phase": "lm" if lm_phase else "sft", "lr": lr,
+                   "grad_norm": round(float(norm), 4),
+                   "tokens_per_s": round(stats[1].item() / dt, 1), "target_tokens_per_s": round(global_targets / dt, 1),
+                   "step_s": round(dt, 3), "tokens": tokens_total,
+                   "elapsed_s": round(time.monotonic() - t_start + elapsed0, 1)}
+        if step % t["log_every"] == 0 or step == 1 or last:
+            log.metrics(metrics)
+        if step % t["checkpoint_every"] == 0 or last:
+            _save_checkpoint(model, opt, metrics, cfg, rank, t["fsdp"])
+        else:
+            ray.train.report(metrics)
+        if over_time:
+            log.text(f"sft: time limit {t['time_limit_s']} s reached at step {step}")
+            break
+    log.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_checkpoint(model, opt, metrics: dict, cfg: dict, rank: int, fsdp: bool) -> None:
+    """Rank 0 writes an HF model directory (+ optimizer and step) and reports it; the other
+    ranks report without one (Ray Train wants every rank to report)."""
+    import tempfile
+
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    state_dict = None
+    if fsdp:
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            state_dict = model.state_dict()
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    inner = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory(prefix="sft-ckpt-") as d:
+        if hasattr(inner, "peft_config"):
+            # LoRA: the adapter (to resume from) in adapter/, the merged model beside it, so
+            # the checkpoint loads like any model directory.
+            inner.save_pretrained(Path(d, "adapter"))
+            _save_merged_lora(Path(d, "adapter"), d, cfg["base"])
+        else:
+            inner.save_pretrained(d, state_dict=state_dict)
+        if not fsdp:
+            torch.save(opt.state_dict(), Path(d, "optimizer.pt"))
+        AutoTokenizer.from_pretrained(cfg["base"], local_files_only=True).save_pretrained(d)
+        Path(d, "trainer_state.json").write_text(json.dumps(
+            {"step": metrics["step"], "tokens": metrics["tokens"], "elapsed_s": metrics["elapsed_s"],
+             "loss": metrics["loss"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['step']:06d}")
+
+
+def _save_merged_lora(adapter: Path, d: str, base: str) -> None:
+    """The base weights with the adapter merged in, written to `d` (a separate copy: merging
+    the training model would end its training)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload().save_pretrained(d)
+
+
+class _Logger:
+    """Metrics to out/metrics.jsonl and TensorBoard (out/tensorboard), rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.path = out / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def text(self, s: str) -> None:
+        if self.enabled:
+            print(s, flush=True)
+
+    def metrics(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({**m, "time": time.time()}) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"sft/{k}", v, m["step"])
+            self.tb.flush()
+        print(f"step {m['step']:5d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
+              f"{m['elapsed_s']:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
