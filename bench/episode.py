@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import tempfile
 import time
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     systems = args.systems.split(",")
     pars = [int(p) for p in args.parallel.split(",")]
     runs = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import tempfile
 import time
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--deploys", type=int, default=3)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     systems = args.systems.split(",")
     faults = sorted(fault_catalog()) if args.faults == "all" else args.faults.split(",")
     results = {"bench": "faults", "systems": {}, "faults_on": systems[0]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import platform
 import statistics
 import time
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before measuring memory")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     image = require_image()
     results = {"bench": "sandbox", "host": platform.node(), "kernel": platform.release(),
                "image": image.hash, "nodes": args.nodes, "backends": {}}

@@ -150,7 +150,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     load0 = os.getloadavg()
     common = dict(seq_len=args.seq_len, answer_len=args.answer_len, steps=args.steps, gen_tokens=args.gen_tokens)
     rows = []
