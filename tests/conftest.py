@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 
 import pytest
 
 from e2e_reme.simulators import list_sandboxes
+
+# A test run started in the background by a non-interactive shell (`make test &`, nohup)
+# inherits SIGINT ignored, and so would every child it starts: the Ctrl-C tests would then
+# interrupt nothing. An ignored disposition survives exec, a handler does not, so this
+# gives the children back the default Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
