@@ -14,8 +14,8 @@ import pytest
 
 from e2e_reme.simulators import (NoFreeAddress, SandboxExists, attach, create_sandbox, gc,
                                  list_sandboxes)
-from e2e_reme.simulators.backends.nspawn import _links, _nspawn_processes
-from e2e_reme.host import mounts_below
+from e2e_reme.simulators.backends.nspawn import _cgroup_pids, _children, _links, _nspawn_processes
+from e2e_reme.host import mounts_below, process_alive
 
 PY = sys.executable
 
@@ -128,6 +128,28 @@ def test_stop_leaves_nothing_behind(image, sb_name):
     assert leftovers(rec), "a running sandbox should be visible"
     sandbox.stop()
     assert leftovers(rec) == []
+
+
+def test_a_node_whose_nspawn_died_first_is_still_destroyed_with_all_it_ran(image, sb_name):
+    # An owner killed with its process group takes nspawn down but not the container's
+    # init, which lives on, orphaned, with the node's services and any injected fault.
+    sb = create_sandbox("nspawn", nodes=1, name=sb_name, reaper=False)
+    machine = f"rm{sb.record.slot}n0"
+    try:
+        nspawn = sb.record.nodes[0].extra["pid"]
+        (init,) = _children(nspawn)
+        sb.exec("systemd-run --unit=pt-busy sleep 600")
+        os.kill(nspawn, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_alive(nspawn) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_alive(init)
+        assert len(_cgroup_pids(machine)) > 1
+    finally:
+        sb.stop()
+    assert not process_alive(init)
+    assert _cgroup_pids(machine) == []
+    assert leftovers(sb.record) == []
 
 
 def test_two_sandboxes_run_side_by_side_without_touching_each_other(image):

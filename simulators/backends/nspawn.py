@@ -73,14 +73,21 @@ def _kill_container(nspawn_pid: int | None, machine: str) -> None:
     pids = []
     if nspawn_pid and process_alive(nspawn_pid):
         pids = [nspawn_pid, *_children(nspawn_pid)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    # And whatever is still in the container's own cgroup: when nspawn died first (a
+    # SIGKILLed owner, Ray killing a worker's process group), its init lives on, orphaned,
+    # with every service and injected fault of the node; only the cgroup still finds them.
+    pids += [p for p in _cgroup_pids(machine) if p not in pids]
     deadline = time.monotonic() + 20
-    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
+    while True:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         time.sleep(0.02)
+        pids = [p for p in pids if process_alive(p)] + [p for p in _cgroup_pids(machine) if p not in pids]
+        if not pids or time.monotonic() > deadline:
+            break
     # The kernel removes the veth with the container's netns, but asynchronously; a
     # container booted again at once would find the name taken. Remove it now.
     veth = f"vb-{machine}"
@@ -124,6 +131,20 @@ def _cgroup_dirs(machine: str) -> list[Path]:
         rel = path[len(root):] if path.startswith(root) and root != "/" else path
         dirs.append(Path(mnt + rel.rstrip("/")) / f"remed-{machine}")
     return dirs
+
+
+def _cgroup_pids(machine: str) -> list[int]:
+    """Every process in the container's cgroups (any hierarchy, any depth)."""
+    pids: set[int] = set()
+    for top in _cgroup_dirs(machine):
+        if not top.is_dir():
+            continue
+        for procs in top.rglob("cgroup.procs"):
+            try:
+                pids.update(int(x) for x in procs.read_text().split() if x != "0")
+            except (OSError, ValueError):
+                pass
+    return sorted(pids)
 
 
 def _remove_cgroups(machine: str) -> None:
@@ -263,8 +284,11 @@ class NspawnSandbox(Sandbox):
             for cg in top.glob("remed-rm*n*"):
                 m = cg.name.removeprefix("remed-")
                 if MACHINE_RE.match(m) and m not in ours:
-                    _remove_cgroups(m)
-                    done.append(f"cgroup {cg}")
+                    # Processes still in it are a node whose nspawn died first: its
+                    # init and services, orphaned. Killed with the cgroup.
+                    orphans = _cgroup_pids(m)
+                    _kill_container(None, m)
+                    done.append(f"cgroup {cg}" + (f" ({len(orphans)} orphaned processes)" if orphans else ""))
         return done
 
     def node_failed(self, index: int) -> str | None:
