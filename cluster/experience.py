@@ -28,10 +28,11 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from e2e_reme.config import check_keys
 from e2e_reme.simulators.episode import SCHEMA_VERSION, Scenario
 
 from .fleet import Fleet, FleetConfig
@@ -65,13 +66,13 @@ class CollectConfig:
         an unknown key is an error that lists the known ones."""
         from e2e_reme.simulators.episode import EpisodeConfig
         d = dict(d)
-        _check_keys("collect", d, cls)
+        check_keys("collect config", d, cls)
         fleet = dict(d.get("fleet") or {})
-        _check_keys("fleet", fleet, FleetConfig)
+        check_keys("fleet config", fleet, FleetConfig)
         host = dict(fleet.get("host") or {})
-        _check_keys("fleet.host", host, HostConfig)
+        check_keys("fleet.host config", host, HostConfig)
         episode = dict(host.get("episode") or {})
-        _check_keys("fleet.host.episode", episode, EpisodeConfig)
+        check_keys("fleet.host.episode config", episode, EpisodeConfig)
         if "systems" in host:
             host["systems"] = tuple(host["systems"])
         host["episode"] = EpisodeConfig(**episode)
@@ -81,13 +82,6 @@ class CollectConfig:
             if k in d:
                 d[k] = tuple([d[k]] if isinstance(d[k], str) else d[k])
         return cls(**d)
-
-
-def _check_keys(where: str, d: dict, cls) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where} config: unknown keys {unknown}; known: {sorted(known)}")
 
 
 # ---- the plan ----------------------------------------------------------------------------------

@@ -257,7 +257,6 @@ class Fleet:
                 return
             done, _ = ray.wait(list(inflight) + list(restarting), num_returns=1, timeout=1.0)
             emit("tick", len(inflight))
-            now_ = time.monotonic()
             for ref in done:
                 if ref in restarting:
                     self._restarted(ray, restarting[ref], emit)
@@ -279,14 +278,14 @@ class Fleet:
                 self.counts["done"] += 1
                 self.counts[rec["outcome"]] += 1
                 yield rec
+            now = time.monotonic()
             # A host that does not come back (its node is gone, say) is given up.
             for h in self.hosts:
-                if h.state == "restarting" and now_ - h.lost_at > self.config.ready_timeout_s:
+                if h.state == "restarting" and now - h.lost_at > self.config.ready_timeout_s:
                     h.state, h.ready_ref = "dead", None
                     emit("host", f"host {h.name}: not back after {self.config.ready_timeout_s:.0f} s; given up")
             # A job past its timeout: its host is wedged. Kill it (Ray restarts it); every
             # job it held comes back through RayActorError above.
-            now = time.monotonic()
             for ref, (h, job, t0) in list(inflight.items()):
                 if now - t0 > self.config.episode_timeout_s and h.state == "ready":
                     emit("timeout", (h.name, job.id))

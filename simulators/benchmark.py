@@ -32,12 +32,14 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from e2e_reme.config import check_keys
 
 from .episode import EpisodeConfig, EpisodeRecord, Scenario, Slot, run_case
 from .faults.base import canonical_name, fault_available, get_fault
@@ -64,16 +66,10 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BenchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"bench config: unknown keys {unknown}; known: {sorted(known)}")
+        check_keys("bench config", d, cls)
         d = dict(d)
         if isinstance(d.get("episode"), dict):
-            eknown = {f.name for f in fields(EpisodeConfig)}
-            bad = sorted(set(d["episode"]) - eknown)
-            if bad:
-                raise ValueError(f"bench config: unknown episode keys {bad}; known: {sorted(eknown)}")
+            check_keys("bench config: episode", d["episode"], EpisodeConfig)
             d["episode"] = EpisodeConfig(**d["episode"])
         return cls(**d)
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from e2e_reme.config import check_keys as _check_keys
 
 from .errors import ModelDirError, TrainError
 
@@ -100,10 +102,8 @@ class ModelConfig:
 
 
 def check_keys(where: str, d: Mapping[str, Any], cls) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise TrainError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    """The project's unknown-key check, raising a TrainError."""
+    _check_keys(where, d, cls, TrainError)
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------

@@ -557,7 +557,7 @@ def train_loop(cfg: dict) -> None:
         # tokens cut at random from the transcripts, stacked, targets = every token.
         if lm_phase:
             windows = lm_windows(step, examples, t["lm_windows"], t["lm_window"], t["seed"], t["lm_answer_share"],
-                                 t.get("lm_head", 0))
+                                 t["lm_head"])
             global_targets = sum(len(w) - 1 for w in windows)
             mine_w = windows[rank::world]
             parts = [(torch.tensor(mine_w, device=device), len(mine_w[0]) - 1)] if mine_w else []

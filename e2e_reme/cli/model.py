@@ -33,10 +33,11 @@ def init(config_file: Path = typer.Option(..., "--config", help="Model YAML, e.g
     if not c.episodes:
         raise ValueError(f"config {config_file}: no corpus.episodes for the tokenizer; give --episodes DIR "
                          f"(collect some with `remed train collect --config configs/sft-tiny.yaml`)")
-    data = build_sft_data(DataConfig(episodes=c.episodes,
-                                     holdout=HoldoutConfig(systems=c.holdout_systems, services=c.holdout_services),
-                                     augment=AugmentConfig(copies=c.renamed_copies)))
-    with console.status(f"training the tokenizer on {len(data.train)} examples, building the model"):
+    with console.status(f"reading the episodes under {', '.join(c.episodes)}") as status:
+        data = build_sft_data(DataConfig(episodes=c.episodes,
+                                         holdout=HoldoutConfig(systems=c.holdout_systems, services=c.holdout_services),
+                                         augment=AugmentConfig(copies=c.renamed_copies)))
+        status.update(f"training the tokenizer on {len(data.train)} examples, building the model")
         path = init_model(cfg, out, corpus_texts(data.train), overwrite=overwrite)
     info = json.loads((path / "e2e_reme_init.json").read_text())
     console.print(f"[green]model[/] {path}: {cfg.architecture}, {info['parameters'] / 1e6:.2f} M parameters, "

@@ -70,7 +70,9 @@ def data(config_file: Path = typer.Option(..., "--config", help="SFT YAML."),
          json_out: bool = typer.Option(False, "--json")) -> None:
     """What SFT would train on: traces, held-out records, examples per fault/system/level."""
     from e2e_reme.train.data import DataConfig, build_sft_data
-    d = build_sft_data(DataConfig.from_dict(read_config(config_file).get("data") or {})).stats()
+    cfg = DataConfig.from_dict(read_config(config_file).get("data") or {})
+    with console.status(f"reading the episodes under {', '.join(cfg.episodes)}, building the examples"):
+        d = build_sft_data(cfg).stats()
     if json_out:
         print(json.dumps(d, indent=2, default=str))
         return
