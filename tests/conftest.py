@@ -43,3 +43,19 @@ def no_leaked_sandboxes():
     leaked = [r.name for r in list_sandboxes() if r.name.startswith("pt-") and r.name not in before
               and r.owner_pid in (None, os.getpid())]
     assert not leaked, f"tests leaked sandboxes: {leaked} (run `remed sandbox gc`)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphaned_container_processes():
+    """A container whose record is gone but whose processes live on (its init, services, an
+    injected stress-ng) is the worst leak: it holds the CPU for hours, unseen by `ls`."""
+    from e2e_reme.simulators.backends.nspawn import NspawnSandbox
+
+    def orphans() -> dict[str, list[int]]:
+        return {m: pids for m, pids in NspawnSandbox.stray_cgroups(list_sandboxes()).items() if pids}
+
+    before = set(orphans())
+    yield
+    leaked = {m: pids for m, pids in orphans().items() if m not in before}
+    assert not leaked, (f"tests left processes in the cgroups of containers that no sandbox owns: {leaked} "
+                        f"(run `remed sandbox gc`)")

@@ -280,16 +280,25 @@ class NspawnSandbox(Sandbox):
         for d in Path("/run/systemd/nspawn/propagate").glob("rm*n*"):
             if MACHINE_RE.match(d.name) and d.name not in ours:
                 shutil.rmtree(d, ignore_errors=True)
+        for m, orphans in cls.stray_cgroups(live).items():
+            # Processes still in it are a node whose nspawn died first: its init and
+            # services, orphaned. Killed with the cgroup.
+            _kill_container(None, m)
+            done.append(f"cgroup remed-{m}" + (f" ({len(orphans)} orphaned processes)" if orphans else ""))
+        return done
+
+    @staticmethod
+    def stray_cgroups(live: list[SandboxRecord]) -> dict[str, list[int]]:
+        """Container cgroups (`remed-rm<slot>n<i>`) of no live sandbox, with the processes
+        still in them: what `sweep` removes, and what a test session checks it left none of."""
+        ours = {_machine(r.slot, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
+        out: dict[str, list[int]] = {}
         for top in {cg.parent for cg in _cgroup_dirs("rm0n0")}:
             for cg in top.glob("remed-rm*n*"):
                 m = cg.name.removeprefix("remed-")
-                if MACHINE_RE.match(m) and m not in ours:
-                    # Processes still in it are a node whose nspawn died first: its
-                    # init and services, orphaned. Killed with the cgroup.
-                    orphans = _cgroup_pids(m)
-                    _kill_container(None, m)
-                    done.append(f"cgroup {cg}" + (f" ({len(orphans)} orphaned processes)" if orphans else ""))
-        return done
+                if MACHINE_RE.match(m) and m not in ours and m not in out:
+                    out[m] = _cgroup_pids(m)
+        return out
 
     def node_failed(self, index: int) -> str | None:
         pid = self.nodes[index].extra.get("pid")
