@@ -63,7 +63,9 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from e2e_reme.train.data import DataConfig, build_sft_data, inventory_hosts
+    from e2e_reme.train.errors import TrainError
     from e2e_reme.train.format import build_messages, encode_example
+    from e2e_reme.train.sft import _bf16_ok
 
     console = Console()
     torch.set_num_threads(args.threads)
@@ -71,8 +73,11 @@ def main() -> None:
         sys.exit(f"{args.model_dir}: no tokenizer; run `remed train sft --config {args.config}` (or "
                  f"`remed model init`) first, or pass --model-dir")
     cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-    with console.status("building the SFT examples"):
-        data = build_sft_data(DataConfig.from_dict(cfg.get("data") or {}))
+    try:
+        with console.status("building the SFT examples"):
+            data = build_sft_data(DataConfig.from_dict(cfg.get("data") or {}))
+    except TrainError as e:
+        sys.exit(f"{args.config}: {e}")
     tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
 
     def messages(e):
@@ -81,25 +86,29 @@ def main() -> None:
             rep["evidence"] = {k: v for k, v in (rep.get("evidence") or {}).items() if k == "symptoms"}
         return build_messages(rep, inventory_hosts(rep), mode="solo")
 
-    def header(e) -> list[int]:
-        user = messages(e)[1]["content"]
-        return tok(user[:user.find("Symptoms:")] if "Symptoms:" in user else user, add_special_tokens=False)["input_ids"]
+    def encode(e):
+        """(the whole example, the report's header as copy-window ids, the answer's first ids)"""
+        msgs = messages(e)
+        user = msgs[1]["content"]
+        head = tok(user[:user.find("Symptoms:")] if "Symptoms:" in user else user, add_special_tokens=False)
+        return (encode_example(tok, msgs, e.answer, e.meta), head["input_ids"],
+                tok(e.answer, add_special_tokens=False)["input_ids"][:args.copy_answer_tokens])
 
     train = [e for e in data.train if e.meta.get("copy", 0) != 1]
     test = [e for e in data.train if e.meta.get("copy", 0) == 1]
     random.Random(args.seed).shuffle(test)
     test = test[:args.test]
     with console.status("tokenising"):
-        full = [encode_example(tok, messages(e), e.answer, e.meta) for e in train]
-        short = [(h, tok(e.answer, add_special_tokens=False)["input_ids"][:args.copy_answer_tokens])
-                 for e, h in ((e, header(e)) for e in train)]
-        tests = [(encode_example(tok, messages(e), e.answer, e.meta), header(e), e) for e in test]
+        encoded = [encode(e) for e in train]
+        full = [x for x, _, _ in encoded]
+        short = [(h, a) for _, h, a in encoded]
+        tests = [(x, h, e) for e, (x, h, _) in ((e, encode(e)) for e in test)]
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
-    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    bf16 = _bf16_ok(torch.device("cpu"))
 
     def step(seqs: list[tuple[list[int], int]], lr: float) -> float:
         n, L = len(seqs), max(len(s) for s, _ in seqs)
