@@ -3,12 +3,20 @@
 
     .venv/bin/python bench/copy_probe.py                      # after `remed train sft` made runs/sft-tiny/init
     .venv/bin/python bench/copy_probe.py --copy-minutes 0     # the same time as plain SFT only
+    .venv/bin/python bench/copy_probe.py --induction-minutes 10 --copy-minutes 0 --sft-minutes 0 \
+        --out bench/results/induction_probe.json
 
 A playbook is a template chosen by fault kind plus names copied from the report (service,
 host, unit, port). Trained as `remed train sft` does, the tiny model learns the templates
-and never the copying. This probe trains a fresh model from the same init in two phases,
+and never the copying. This probe trains a fresh model from the same init in up to three phases,
 in this process (no Ray: it measures learning, not the trainer):
 
+0. induction (--induction-minutes, off by default): the bare mechanism copying needs, on
+   synthetic sequences: a prefix of random tokens, a random string s of 6-16 tokens, s
+   again; loss on the repeat from its second token on (what only an induction mechanism
+   predicts: ~0 once the model copies in order, ln 512 = 6.2 if it guesses among the 512
+   tokens drawn, ~3.3 if it only knows "some token seen earlier"). Measured: the exact
+   ordered copy of 200 unseen strings, greedy.
 1. copy: short windows, the report's header (its first lines up to "Symptoms:", where it
    names the service, host, unit and port) followed by the answer's first
    --copy-answer-tokens tokens; loss on the answer part. Each window is ~100 tokens, so a
@@ -45,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/sft-tiny.yaml", help="its data section says which episodes")
     ap.add_argument("--model-dir", default="runs/sft-tiny/init", help="a tiny model's init (config + tokenizer)")
+    ap.add_argument("--induction-minutes", type=float, default=0.0)
+    ap.add_argument("--induction-lr", type=float, default=1e-3)
     ap.add_argument("--copy-minutes", type=float, default=5.0)
     ap.add_argument("--sft-minutes", type=float, default=10.0)
     ap.add_argument("--copy-answer-tokens", type=int, default=40)
@@ -65,7 +75,7 @@ def main() -> None:
     from e2e_reme.train.data import DataConfig, build_sft_data, inventory_hosts
     from e2e_reme.train.errors import TrainError
     from e2e_reme.train.format import build_messages, encode_example
-    from e2e_reme.train.sft import _bf16_ok
+    from e2e_reme.train.sft import bf16_supported
 
     console = Console()
     torch.set_num_threads(args.threads)
@@ -108,7 +118,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
-    bf16 = _bf16_ok(torch.device("cpu"))
+    bf16 = bf16_supported("cpu")
 
     def step(seqs: list[tuple[list[int], int]], lr: float) -> float:
         n, L = len(seqs), max(len(s) for s, _ in seqs)
@@ -129,12 +139,13 @@ def main() -> None:
         opt.zero_grad()
         return loss.item()
 
-    def phase(name: str, minutes: float, batch, lr_steps: int) -> dict:
+    def phase(name: str, minutes: float, batch, lr_steps: int, lr: float | None = None) -> dict:
+        lr = lr or args.lr
         t0, n, losses = time.monotonic(), 0, []
         with console.status(f"{name}: {minutes:g} min") as st:
             while time.monotonic() - t0 < minutes * 60:
                 cos = 0.5 * (1 + math.cos(math.pi * min(1.0, n / lr_steps)))
-                losses.append(step(batch(), args.lr * min(1.0, (n + 1) / 30) * (0.2 + 0.8 * cos)))
+                losses.append(step(batch(), lr * min(1.0, (n + 1) / 30) * (0.2 + 0.8 * cos)))
                 n += 1
                 st.update(f"{name}: step {n}, loss {statistics.mean(losses[-20:]):.4f}")
         return {"steps": n, "seconds": round(time.monotonic() - t0, 1),
@@ -164,19 +175,48 @@ def main() -> None:
                 "full_format_host_right": f"{host_ok}/{n}",
                 "answer_token_accuracy": round(statistics.mean(acc), 3) if acc else None}
 
+    # Random tokens from the middle of the vocabulary: no special token, none the copy
+    # windows above favour. The measured strings come from their own generator.
+    pool = range(len(tok) // 4, len(tok) // 4 + 512)
+
+    def random_strings(r: random.Random, n: int) -> list[tuple[list[int], list[int]]]:
+        return [([r.choice(pool) for _ in range(r.randint(0, 20))], [r.choice(pool) for _ in range(r.randint(6, 16))])
+                for _ in range(n)]
+
+    def induction_batch() -> list[tuple[list[int], int]]:
+        return [(pre + s + s, len(pre) + len(s) + 1) for pre, s in random_strings(rng, 32)]
+
+    induction_tests = random_strings(random.Random(args.seed + 1), 200)
+
+    def measure_induction() -> dict:
+        model.eval()
+        exact = 0
+        with torch.no_grad():
+            for pre, s in induction_tests:
+                ctx = pre + s + s[:1]
+                out = model.generate(torch.tensor([ctx]), max_new_tokens=len(s) - 1, do_sample=False)
+                exact += out[0, len(ctx):].tolist() == s[1:]
+        model.train()
+        return {"ordered_copy_exact": f"{exact}/{len(induction_tests)}"}
+
     result = {"args": vars(args), "examples": len(full), "held_out": len(tests),
               "median_tokens": {"full": statistics.median(len(x.input_ids) for x in full),
                                 "copy_window": statistics.median(len(h) + len(a) for h, a in short)}}
     model.train()
+    if args.induction_minutes > 0:
+        result["induction"] = phase("induction", args.induction_minutes, induction_batch, 5000,
+                                    args.induction_lr)
+        result["after_induction"] = measure_induction()
     if args.copy_minutes > 0:
         result["copy"] = phase("copy", args.copy_minutes,
                                lambda: [(h + a, len(h)) for h, a in (short[rng.randrange(len(short))]
                                                                      for _ in range(args.copy_batch))], 1500)
         result["after_copy"] = measure()
-    result["sft"] = phase("sft", args.sft_minutes,
-                          lambda: [(x.input_ids, x.prompt_len) for x in (full[rng.randrange(len(full))]
-                                                                         for _ in range(args.sft_batch))], 200)
-    result["after_sft"] = measure()
+    if args.sft_minutes > 0:
+        result["sft"] = phase("sft", args.sft_minutes,
+                              lambda: [(x.input_ids, x.prompt_len) for x in (full[rng.randrange(len(full))]
+                                                                             for _ in range(args.sft_batch))], 200)
+        result["after_sft"] = measure()
     result["loadavg"] = os.getloadavg()
 
     table = Table(title=f"copy probe: {len(tests)} held-out examples (unseen names)")
@@ -188,7 +228,13 @@ def main() -> None:
             table.add_row(ph, str(result[ph]["steps"]), str(result[ph]["seconds"]), str(result[ph]["final_loss"]),
                           m["copy_format_names_service"], m["full_format_names_service"],
                           m["full_format_host_right"], str(m["answer_token_accuracy"]))
-    console.print(table)
+    if any(f"after_{ph}" in result for ph in ("copy", "sft")):
+        console.print(table)
+    if "induction" in result:
+        r = result["induction"]
+        console.print(f"induction: {r['steps']} steps in {r['seconds']} s, final loss {r['final_loss']} "
+                      f"(ordered copy: ~0; none: 6.2), unseen strings copied exactly: "
+                      f"{result['after_induction']['ordered_copy_exact']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")

@@ -118,14 +118,6 @@ def run_one(spec: dict, timeout: float = 1800) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def cpu_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def gpu_info() -> tuple[bool, str]:
     try:
         import torch
@@ -150,12 +142,14 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
+    from e2e_reme.train.sft import bf16_supported
+
     console = Console(width=None if sys.stdout.isatty() else 160)
     load0 = os.getloadavg()
     common = dict(seq_len=args.seq_len, answer_len=args.answer_len, steps=args.steps, gen_tokens=args.gen_tokens)
     rows = []
     tiny = tiny_shape()
-    precisions = ["fp32"] + (["bf16"] if cpu_bf16() else [])
+    precisions = ["fp32"] + (["bf16"] if bf16_supported("cpu") else [])
     for threads in [int(t) for t in args.threads.split(",")]:
         for prec in precisions:
             spec = dict(common, what="train", device="cpu", threads=threads, precision=prec, batch=1,
@@ -181,7 +175,7 @@ def main() -> None:
         console.log(f"[yellow]no GPU measurements[/]: {gpu}")
 
     results = {"bench": "train", "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "cpu_bf16": cpu_bf16(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+               "cpus": os.cpu_count(), "cpu_bf16": bf16_supported("cpu"), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                "args": vars(args), "gpu": gpu_section, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

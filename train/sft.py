@@ -474,9 +474,10 @@ def lm_windows(step: int, examples: list[dict], count: int, width: int, seed: in
     return out
 
 
-def _bf16_ok(device) -> bool:
-    import torch
-    if device.type == "cuda":
+def bf16_supported(device: Any = "cpu") -> bool:
+    """Whether bf16 autocast pays on this device (a torch.device or "cpu"/"cuda")."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -535,7 +536,7 @@ def train_loop(cfg: dict) -> None:
     opt = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.95), weight_decay=t["weight_decay"])
     if ckpt_dir and Path(ckpt_dir, "optimizer.pt").is_file() and not t["fsdp"]:
         opt.load_state_dict(torch.load(Path(ckpt_dir, "optimizer.pt"), map_location="cpu", weights_only=True))
-    use_bf16 = t["precision"] == "bf16" or (t["precision"] == "auto" and _bf16_ok(device))
+    use_bf16 = t["precision"] == "bf16" or (t["precision"] == "auto" and bf16_supported(device))
 
     # The data: every worker reads all ids (they are small) and takes its share of each batch.
     examples = [json.loads(line) for line in Path(cfg["data"]).read_text().splitlines() if line.strip()]
