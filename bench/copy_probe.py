@@ -82,12 +82,16 @@ def main() -> None:
     if not Path(args.model_dir, "tokenizer.json").is_file():
         sys.exit(f"{args.model_dir}: no tokenizer; run `remed train sft --config {args.config}` (or "
                  f"`remed model init`) first, or pass --model-dir")
-    cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-    try:
-        with console.status("building the SFT examples"):
-            data = build_sft_data(DataConfig.from_dict(cfg.get("data") or {}))
-    except TrainError as e:
-        sys.exit(f"{args.config}: {e}")
+    examples_needed = args.copy_minutes > 0 or args.sft_minutes > 0
+    if examples_needed:
+        if not Path(args.config).is_file():
+            sys.exit(f"{args.config}: no such config; pass --config (its data section says which episodes)")
+        cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            with console.status("building the SFT examples"):
+                data = build_sft_data(DataConfig.from_dict(cfg.get("data") or {}))
+        except TrainError as e:
+            sys.exit(f"{args.config}: {e}")
     tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
 
     def messages(e):
@@ -104,15 +108,17 @@ def main() -> None:
         return (encode_example(tok, msgs, e.answer, e.meta), head["input_ids"],
                 tok(e.answer, add_special_tokens=False)["input_ids"][:args.copy_answer_tokens])
 
-    train = [e for e in data.train if e.meta.get("copy", 0) != 1]
-    test = [e for e in data.train if e.meta.get("copy", 0) == 1]
-    random.Random(args.seed).shuffle(test)
-    test = test[:args.test]
-    with console.status("tokenising"):
-        encoded = [encode(e) for e in train]
-        full = [x for x, _, _ in encoded]
-        short = [(h, a) for _, h, a in encoded]
-        tests = [(x, h, e) for e, (x, h, _) in ((e, encode(e)) for e in test)]
+    full, short, tests = [], [], []
+    if examples_needed:     # the induction phase alone needs only the tokenizer
+        train = [e for e in data.train if e.meta.get("copy", 0) != 1]
+        test = [e for e in data.train if e.meta.get("copy", 0) == 1]
+        random.Random(args.seed).shuffle(test)
+        test = test[:args.test]
+        with console.status("tokenising"):
+            encoded = [encode(e) for e in train]
+            full = [x for x, _, _ in encoded]
+            short = [(h, a) for _, h, a in encoded]
+            tests = [(x, h, e) for e, (x, h, _) in ((e, encode(e)) for e in test)]
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_dir, local_files_only=True))
@@ -158,8 +164,9 @@ def main() -> None:
         model.eval()
         copy_ok = name_ok = host_ok = 0
         acc = []
-        with torch.no_grad():
-            for enc, h, e in tests:
+        with torch.no_grad(), console.status("measuring") as st:
+            for i, (enc, h, e) in enumerate(tests):
+                st.update(f"measuring: held-out example {i + 1}/{len(tests)}")
                 out = model.generate(torch.tensor([h]), max_new_tokens=30, do_sample=False)
                 copy_ok += service(e) in tok.decode(out[0, len(h):])
                 ids = torch.tensor([enc.input_ids])
@@ -191,17 +198,19 @@ def main() -> None:
     def measure_induction() -> dict:
         model.eval()
         exact = 0
-        with torch.no_grad():
-            for pre, s in induction_tests:
+        with torch.no_grad(), console.status("measuring") as st:
+            for i, (pre, s) in enumerate(induction_tests):
+                st.update(f"measuring: unseen string {i + 1}/{len(induction_tests)}")
                 ctx = pre + s + s[:1]
                 out = model.generate(torch.tensor([ctx]), max_new_tokens=len(s) - 1, do_sample=False)
                 exact += out[0, len(ctx):].tolist() == s[1:]
         model.train()
         return {"ordered_copy_exact": f"{exact}/{len(induction_tests)}"}
 
-    result = {"args": vars(args), "examples": len(full), "held_out": len(tests),
-              "median_tokens": {"full": statistics.median(len(x.input_ids) for x in full),
-                                "copy_window": statistics.median(len(h) + len(a) for h, a in short)}}
+    result = {"args": vars(args), "examples": len(full), "held_out": len(tests)}
+    if full:
+        result["median_tokens"] = {"full": statistics.median(len(x.input_ids) for x in full),
+                                   "copy_window": statistics.median(len(h) + len(a) for h, a in short)}
     model.train()
     if args.induction_minutes > 0:
         result["induction"] = phase("induction", args.induction_minutes, induction_batch, 5000,

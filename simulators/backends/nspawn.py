@@ -174,6 +174,11 @@ def _stop_gracefully(nspawn_pid: int | None, machine: str, timeout: float = 15) 
     _kill_container(nspawn_pid, machine)
 
 
+def _machines(live: list[SandboxRecord]) -> set[str]:
+    """The container names of the live nspawn sandboxes' nodes."""
+    return {_machine(r.slot, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
+
+
 @register("nspawn")
 class NspawnSandbox(Sandbox):
     default_ready_timeout_s = 60.0
@@ -256,7 +261,7 @@ class NspawnSandbox(Sandbox):
 
     @classmethod
     def sweep(cls, live: list[SandboxRecord]) -> list[str]:
-        ours = {_machine(r.slot, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
+        ours = _machines(live)
         bridges = {r.extra.get("bridge") for r in live}
         done = []
         for machine, pid in _nspawn_processes().items():
@@ -291,7 +296,7 @@ class NspawnSandbox(Sandbox):
     def stray_cgroups(live: list[SandboxRecord]) -> dict[str, list[int]]:
         """Container cgroups (`remed-rm<slot>n<i>`) of no live sandbox, with the processes
         still in them: what `sweep` removes, and what a test session checks it left none of."""
-        ours = {_machine(r.slot, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
+        ours = _machines(live)
         out: dict[str, list[int]] = {}
         for top in {cg.parent for cg in _cgroup_dirs("rm0n0")}:
             for cg in top.glob("remed-rm*n*"):
