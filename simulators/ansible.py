@@ -195,13 +195,14 @@ def run_playbook(inventory_path: str | Path, playbook: str | Path | list[dict], 
         events = tuple(r.events)
     except Exception:
         events = ()
-    stats = _host_stats(events)
+    stats = host_stats(events)
     return PlaybookRun(status=status, rc=r.rc, duration_s=round(time.monotonic() - t0, 3), stdout=stdout,
                        events=events, stats=stats, playbook=str(path),
                        artifact_dir=str(r.config.artifact_dir))
 
 
-def _host_stats(events: tuple[dict, ...]) -> dict[str, HostStats]:
+def host_stats(events: tuple[dict, ...]) -> dict[str, HostStats]:
+    """Per-host counts from the run's final `playbook_on_stats` event."""
     final = next((e for e in reversed(events) if e.get("event") == "playbook_on_stats"), None)
     if final is None:
         return {}

@@ -46,8 +46,9 @@ ROOT, NSPAWN, OVERLAY = "root", "systemd-nspawn", "overlayfs"
 LIBVIRTD, QEMU, DEV_KVM, KVM = "libvirtd", "qemu", "/dev/kvm", "kvm"
 NETEM, NFTABLES, CGROUP = "netem", "nftables", "cgroup"
 DISK_CACHE, DISK_STATE, MEMORY, IMAGE = "disk:cache", "disk:state", "memory", "guest-image"
+CONTAINMENT = "containment"
 CHECK_NAMES = (ROOT, NSPAWN, OVERLAY, LIBVIRTD, QEMU, DEV_KVM, KVM, NETEM, NFTABLES, CGROUP,
-               DISK_CACHE, DISK_STATE, MEMORY, IMAGE)
+               DISK_CACHE, DISK_STATE, MEMORY, IMAGE, CONTAINMENT)
 
 PROBE_NETNS_PREFIX = "remed-probe-"
 _CMD_TIMEOUT_S = 15.0
@@ -127,6 +128,7 @@ def probe_host() -> HostReport:
         _guarded(DISK_STATE, probe_disk, DISK_STATE, paths.state_dir),
         _guarded(MEMORY, probe_memory),
         _guarded(IMAGE, probe_image),
+        _guarded(CONTAINMENT, probe_containment),
     ])
 
 
@@ -314,6 +316,23 @@ def probe_image() -> Check:
 
 
 # ---- derived verdicts ------------------------------------------------------------------
+
+def probe_containment() -> Check:
+    """Are the network rules of every live sandbox in force (simulators/netguard.py)?"""
+    from . import netguard, state
+    st = netguard.status()
+    if not st.available:
+        return Check(CONTAINMENT, "missing", st.reason, "apt-get install nftables")
+    live = [r for r in state.list_records() if r.extra.get("bridge")]
+    open_ = [r.name for r in live if r.extra["bridge"] not in st.tables and not r.extra.get("reach_host")]
+    lab = [r.name for r in live if r.extra.get("reach_host")]
+    detail = (f"nftables answers; {len(live) - len(open_) - len(lab)} of {len(live)} sandboxes isolated from the host"
+              + (f"; reach_host (lab stand-ins, no rules by design): {', '.join(lab)}" if lab else ""))
+    if open_:
+        return Check(CONTAINMENT, "unusable", f"{detail}; WITHOUT rules: {', '.join(open_)}",
+                     "`remed sandbox down NAME` and create it again (or `remed sandbox gc`)")
+    return Check(CONTAINMENT, "ok", detail)
+
 
 def _backends(c: dict[str, Check]) -> dict[str, Usable]:
     def needs(*names: str) -> list[str]:

@@ -293,7 +293,7 @@ def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, f
 
         step(f"execute (trial {trial})")
         with clock("execute"):
-            outcome = run_pipeline(gen.text, inventory=inventory, inventory_hosts=hosts, workdir=tdir,
+            outcome = run_pipeline(gen.text, sandbox=sb, inventory_hosts=hosts, workdir=tdir,
                                    timeout_s=config.exec_timeout_s,
                                    check_idempotence=config.check_idempotence)
         for k, v in outcome.timings.items():

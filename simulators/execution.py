@@ -15,11 +15,17 @@ and the outcome says which stage an answer reached and why it stopped there, as 
                                                        ExecutionFailed, Timeout, Unreachable
     idempotence  (check_idempotence=True) a second run changes nothing      NotIdempotent
 
+Model output is only ever interpreted by a jailed controller on the sandbox's own network
+(simulators/controller.py): the syntax check and the runs happen there, never on the host.
+Before anything is parsed, the answer's size is checked (a huge answer costs seconds of YAML
+parsing); after a run, every process the playbook left running in the nodes (SSH sessions,
+transient units) is ended before anyone judges the system (simulators/leftovers.py).
+
 `InternalError` marks a failure of ours (no ansible-playbook, an unwritable workdir,
 ansible-runner refusing its inputs), not of the playbook: a reward must not count it
 against the policy. Nothing here raises for a bad answer.
 
-    out = run_pipeline(text, inventory=inv, inventory_hosts=["n0"], workdir=d, timeout_s=120)
+    out = run_pipeline(text, sandbox=sb, workdir=d, timeout_s=120)
     out.stage, out.ok, out.error_class, out.reason     # "execute", False, "ExecutionFailed", "..."
     out.summary()                                      # what a multi-trial policy is told
     out.to_dict()                                      # JSON for the episode record
@@ -35,10 +41,7 @@ to run twice still fixed the incident (`out.executed_ok` says so).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,15 +50,17 @@ from typing import Any, Iterable
 
 import yaml
 
-from .ansible import DEFAULT_ENV, PlaybookRun, run_playbook
+from .ansible import PlaybookRun
+from .controller import ControllerConfig, JailJob, JailRun, run_jailed
 from .errors import PlaybookParseError
-from .gate import GateResult, check_playbook
+from .gate import GateResult, check_playbook, check_text
 
 STAGES = ("extract", "parse", "gate", "syntax", "execute", "idempotence")
 ERROR_CLASSES = ("NoYaml", "InvalidYaml", "NotAPlaybook", "GateViolation", "SyntaxCheckFailed",
                  "ExecutionFailed", "Timeout", "Unreachable", "NotIdempotent", "InternalError")
 MAX_PLAYBOOK_CHARS = 200_000
-SYNTAX_TIMEOUT_S = 60.0
+MAX_ANSWER_CHARS = 400_000      # refused before any parsing: YAML parses at ~0.2 MB/s here
+MAX_FENCES = 16                 # fenced blocks looked at for a playbook, at most
 
 
 @dataclass
@@ -70,6 +75,8 @@ class ExecutionOutcome:
     run: PlaybookRun | None = None
     rerun: PlaybookRun | None = None        # the idempotence run
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage reached
+    controller: dict = field(default_factory=dict)   # the jail: start time, whether it was killed
+    leftovers: list[dict] = field(default_factory=list)   # processes the playbook left, ended
 
     @property
     def executed_ok(self) -> bool:
@@ -82,7 +89,8 @@ class ExecutionOutcome:
                 "playbook_text": self.playbook_text, "plays": _json_safe(self.plays),
                 "gate": self.gate.to_dict() if self.gate is not None else None,
                 "run": _run_dict(self.run), "rerun": _run_dict(self.rerun),
-                "timings": dict(self.timings)}
+                "timings": dict(self.timings), "controller": dict(self.controller),
+                "leftovers": list(self.leftovers)}
 
     def summary(self) -> str:
         """What happened, for a person or a model deciding the next attempt: where it
@@ -139,7 +147,9 @@ def extract_yaml(text: str) -> str | None:
     elif "<think>" in low:         # ran out of tokens while thinking: nothing after it counts
         t = t[:low.index("<think>")]
     tagged, candidates = [], []
-    for m in _FENCE.finditer(t):
+    for n, m in enumerate(_FENCE.finditer(t)):
+        if n >= MAX_FENCES:
+            break
         lang = m.group(2).lower()
         if lang in _YAML_TAGS or lang == "":
             body = textwrap.dedent(m.group(3)).strip("\n")
@@ -201,19 +211,27 @@ def parse_playbook(text: str) -> list:
 
 # ---- the pipeline ------------------------------------------------------------------------------
 
-def run_pipeline(text: str, *, inventory: Path, inventory_hosts: Iterable[str], workdir: Path,
-                 timeout_s: float = 120, check_idempotence: bool = False, extravars: dict | None = None,
-                 execute: bool = True) -> ExecutionOutcome:
-    """Run a model's answer through every stage; see the module's docstring."""
-    workdir, inventory = Path(workdir), Path(inventory)
+def run_pipeline(text: str, *, sandbox=None, workdir: Path, timeout_s: float = 120,
+                 check_idempotence: bool = False, extravars: dict | None = None, execute: bool = True,
+                 inventory_hosts: Iterable[str] | None = None,
+                 controller: ControllerConfig | None = None) -> ExecutionOutcome:
+    """Run a model's answer through every stage against `sandbox`; see the module's
+    docstring. Without a sandbox, only the stages before Ansible run (there is no jail to
+    interpret the playbook in), and reaching the syntax check is an InternalError."""
+    workdir = Path(workdir)
+    hosts = list(inventory_hosts) if inventory_hosts is not None else \
+        [n.name for n in sandbox.nodes] if sandbox is not None else []
     out = ExecutionOutcome(stage="extract", ok=False)
 
     def stop(stage: str, error_class: str, reason: str) -> ExecutionOutcome:
         out.stage, out.ok, out.error_class, out.reason = stage, False, error_class, _one_line(reason, 600)
         return out
 
-    # extract
+    # extract: the size first, before anything parses it
     t0 = time.monotonic()
+    if isinstance(text, str) and len(text) > MAX_ANSWER_CHARS:
+        out.timings["extract"] = _since(t0)
+        return stop("extract", "NotAPlaybook", f"the answer is {len(text)} characters, more than {MAX_ANSWER_CHARS}")
     found = extract_yaml(text)
     out.timings["extract"] = _since(t0)
     try:
@@ -225,7 +243,6 @@ def run_pipeline(text: str, *, inventory: Path, inventory_hosts: Iterable[str], 
     if found is None:
         return stop("extract", "NoYaml", "the answer holds no YAML playbook (a ```yaml block with a list of plays)")
     out.playbook_text = found
-    playbook = workdir / "playbook.yaml"
 
     # parse
     t0 = time.monotonic()
@@ -236,39 +253,68 @@ def run_pipeline(text: str, *, inventory: Path, inventory_hosts: Iterable[str], 
         return stop("parse", e.error_class, e.reason)
     out.timings["parse"] = _since(t0)
 
-    # gate
+    # gate: the raw text (what the parsed structure does not show, e.g. comments), then the plays
     t0 = time.monotonic()
-    out.gate = check_playbook(out.plays, inventory_hosts)
+    out.gate = check_text(found)
+    if out.gate.ok:
+        out.gate = check_playbook(out.plays, hosts)
     out.timings["gate"] = _since(t0)
     if not out.gate.ok:
         n = len(out.gate.violations)
         return stop("gate", "GateViolation", f"refused by the safety gate [{', '.join(out.gate.rules)}]: "
                                              f"{out.gate.reason}" + (f" (and {n - 1} more)" if n > 1 else ""))
 
-    # syntax
-    t0 = time.monotonic()
-    error_class, reason = _syntax_check(inventory, playbook, workdir, extravars)
-    out.timings["syntax"] = _since(t0)
-    if error_class:
-        return stop("syntax", error_class, reason)
+    # syntax, execute, idempotence: all in the sandbox's jailed controller
+    if sandbox is None:
+        return stop("syntax", "InternalError", "no sandbox given: a playbook is only checked and run by the "
+                                               "jailed controller of the sandbox it targets")
+    from .leftovers import end_leftovers, snapshot
+    before = snapshot(sandbox) if execute else None
+    job = JailJob(timeout_s=timeout_s, execute=execute, rerun=check_idempotence, extravars=dict(extravars or {}))
+    jail = run_jailed(sandbox, found, workdir, job, controller or ControllerConfig())
+    if before is not None:
+        out.leftovers = [asdict(x) for x in end_leftovers(sandbox, before)]
+    out.controller = {"start_s": jail.start_s, "total_s": jail.total_s, "killed": jail.killed}
+    _stage_timings(out, jail)
+    if jail.error:
+        return stop("syntax", "InternalError", jail.error)
+    return _judge_jail_run(out, jail, workdir, timeout_s, execute)
+
+
+def _stage_timings(out: ExecutionOutcome, jail: JailRun) -> None:
+    """Per-stage seconds from the jail's own marks (the jail's start counts to the syntax check)."""
+    m, prev = jail.marks, jail.marks.get("started")
+    if prev is not None:
+        out.timings["syntax"] = round(max(0.0, jail.start_s) + m.get("syntax", prev) - prev, 3)
+    for stage, mark, since in (("execute", "run", "syntax"), ("idempotence", "rerun", "run")):
+        if mark in m and since in m:
+            out.timings[stage] = round(m[mark] - m[since], 3)
+
+
+def _judge_jail_run(out: ExecutionOutcome, jail: JailRun, workdir: Path, timeout_s: float,
+                    execute: bool) -> ExecutionOutcome:
+    def stop(stage: str, error_class: str, reason: str) -> ExecutionOutcome:
+        out.stage, out.ok, out.error_class, out.reason = stage, False, error_class, _one_line(reason, 600)
+        return out
+
+    if jail.syntax_rc is None:
+        return stop("syntax", "Timeout" if jail.killed else "InternalError",
+                    "the syntax check did not finish" + (" in time" if jail.killed else ""))
+    if jail.syntax_rc != 0:
+        return stop("syntax", "SyntaxCheckFailed",
+                    _first_error(jail.syntax_output) or f"exit code {jail.syntax_rc}")
     if not execute:
         out.stage, out.ok = "done", True
         return out
-
-    # execute
-    t0 = time.monotonic()
-    out.run = run_playbook(inventory, playbook, workdir / "ansible", timeout_s, extravars)
-    out.timings["execute"] = _since(t0)
+    out.run = jail.run
     _write_events(workdir / "events.jsonl", out.run)
     error_class, reason = _classify(out.run, timeout_s)
     if error_class:
         return stop("execute", error_class, reason)
-
-    # idempotence
-    if check_idempotence:
-        t0 = time.monotonic()
-        out.rerun = run_playbook(inventory, playbook, workdir / "ansible", timeout_s, extravars)
-        out.timings["idempotence"] = _since(t0)
+    if jail.rerun is not None or "rerun" in jail.marks:
+        out.rerun = jail.rerun
+        if out.rerun is None:
+            return stop("idempotence", "InternalError", "the second run left no result")
         _write_events(workdir / "events.rerun.jsonl", out.rerun)
         error_class, reason = _classify(out.rerun, timeout_s)
         if error_class == "InternalError":
@@ -281,33 +327,8 @@ def run_pipeline(text: str, *, inventory: Path, inventory_hosts: Iterable[str], 
             return stop("idempotence", "NotIdempotent",
                         "a second run changed " + ", ".join(f"{h}: {c} task(s)" for h, c in changed.items())
                         + (f" ({', '.join(repr(t) for t in tasks[:5])})" if tasks else ""))
-
     out.stage, out.ok = "done", True
     return out
-
-
-def _syntax_check(inventory: Path, playbook: Path, workdir: Path, extravars: dict | None) -> tuple[str | None, str]:
-    exe = Path(sys.executable).parent / "ansible-playbook"
-    if not exe.exists():
-        return "InternalError", f"{exe} does not exist (is the virtualenv set up?)"
-    if not inventory.is_file():
-        return "InternalError", f"inventory {inventory}: no such file"
-    env = {**os.environ, **DEFAULT_ENV,
-           "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "ANSIBLE_LOCAL_TEMP": str((workdir / "ansible" / "tmp").resolve())}
-    cmd = [str(exe), "--syntax-check", "-i", str(inventory.resolve()), str(playbook.resolve())]
-    if extravars:
-        cmd += ["-e", json.dumps(extravars, default=str)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTAX_TIMEOUT_S, env=env,
-                           cwd=str(workdir), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return "Timeout", f"ansible-playbook --syntax-check took more than {SYNTAX_TIMEOUT_S:g} s"
-    except OSError as e:
-        return "InternalError", f"cannot run {exe}: {e}"
-    if r.returncode == 0:
-        return None, ""
-    return "SyntaxCheckFailed", _first_error(r.stderr + "\n" + r.stdout) or f"exit code {r.returncode}"
 
 
 def _first_error(output: str) -> str:

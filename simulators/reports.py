@@ -11,7 +11,10 @@ never how the fault was made). Three levels of detail, as the issue asks:
     minimal    symptoms only: what the monitoring shows system-wide; no service is named
 
 Every level carries the topology (the call graph, which node runs which service and the
-inventory host names), which an SRE would know anyway.
+inventory host names), which an SRE would know anyway. The text a model reads
+(`to_text()`) is compact: a report that names the service tells its host, unit, port,
+config, data dir, dependencies and callers rather than the whole graph, and its evidence
+as one fact per line instead of the raw observation.
 
 The report never leaks the harness: words that only the injector would use are replaced
 (`_scrub`), and a test checks every fault type's report for them.
@@ -82,25 +85,109 @@ class DiagnosisReport:
                 "evidence": self.evidence}
 
     def to_text(self) -> str:
+        """The report as every model reads it (the benchmark's prompts, SFT, serving): compact,
+        one fact per line, carrying what a remediation needs (the service's place: host,
+        unit, port, config, data dir, dependencies; the failure; the evidence that names
+        what to remove) and none of the raw observation dumps. A test per fault type checks
+        that the expert runbook's playbook can be written from this text alone."""
         lines = [f"Incident in system {self.system}."]
         if self.service:
             lines.append(f"Affected service: {self.service}"
-                         + (f" on host {self.target['node']} (unit {self.target['unit']}, port "
-                            f"{self.target['port']})" if self.target else "") + ".")
+                         + (f" on host {_where(self.target)}" if self.target else "") + ".")
+            deps = (self.target or {}).get("dependencies") or {}
+            if deps:
+                lines.append("Its dependencies: " + "; ".join(
+                    f"{n} at {d.get('host')}:{d.get('port')} ({d.get('kind', 'http')})" for n, d in deps.items()) + ".")
         if self.category:
-            lines.append(f"Failure category: {self.category} ({self.fault_kind}).")
+            lines.append(f"Failure: {self.category} ({self.fault_kind}).")
         lines.append("Symptoms:")
-        lines += [f"- {s}" for s in self.symptoms] or ["- none observed"]
+        lines += [f"- {_cut(s)}" for s in self.symptoms] or ["- none observed"]
         if self.evidence:
-            lines.append("Evidence:")
-            lines.append(json.dumps(self.evidence, indent=1, default=str)[:4000])
+            parts = self.evidence.get("parts") if isinstance(self.evidence.get("parts"), list) else None
+            kinds = (self.fault_kind or "").partition(":")[2].split("+") if parts else []
+            for i, ev in enumerate(parts or [self.evidence]):
+                label = f" ({kinds[i]})" if parts and i < len(kinds) else ""
+                lines.append(f"Evidence{label}:")
+                lines += [f"- {l}" for l in _evidence_lines(ev if isinstance(ev, dict) else {})]
         if self.logs:
             lines.append("Recent log lines of the service:")
-            lines += [f"  {l}" for l in self.logs]
-        lines.append("Topology (host: services): " + "; ".join(
-            f"{h}: {', '.join(s)}" for h, s in self.placement.items()))
-        lines.append("Call graph: " + "; ".join(f"{a} -> {', '.join(b)}" for a, b in self.call_graph.items() if b))
+            lines += [f"- {_cut(l)}" for l in self.logs[-3:]]
+        if self.service:
+            # Named service: its neighbourhood is what a fix may touch; the whole graph of a
+            # 40-service system would be most of the prompt.
+            callers = [a for a, b in self.call_graph.items() if self.service in (b or ())]
+            callees = list(self.call_graph.get(self.service) or ())
+            lines.append(f"Calls to {self.service} come from: {', '.join(callers) or 'outside (it is the entry)'}; "
+                         f"it calls: {', '.join(callees) or 'nothing'}.")
+        else:
+            lines.append("Topology (host: services): " + "; ".join(
+                f"{h}: {', '.join(s)}" for h, s in self.placement.items()))
+            lines.append("Call graph: " + "; ".join(f"{a} -> {', '.join(b)}" for a, b in self.call_graph.items() if b))
         return "\n".join(lines)
+
+
+def _cut(s: Any, n: int = 160) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _where(t: dict) -> str:
+    """`n1 (unit U, port P, ...)`: the first two fields keep the wording the benchmark's
+    plumbing tests read."""
+    health = "PING" if t.get("kind") == "redis" or not t.get("health_path", "/health") else t.get("health_path", "/health")
+    return (f"{t['node']} (unit {t['unit']}, port {t['port']}, kind {t.get('kind', 'http')}, health {health}, "
+            f"config {t.get('config_path')}, data dir {t.get('data_dir')})")
+
+
+def _proc(p: dict) -> str:
+    return f"pid {p.get('pid')} (unit {p.get('unit')}, {_cut(p.get('cmd') or p.get('name') or '?', 60)})"
+
+
+def _evidence_lines(ev: dict) -> list[str]:
+    """The evidence of one fault (its `describe()`), one fact per line: the findings it
+    words itself, then the structured facts a fix acts on (what to stop, remove or
+    restore). Everything else of the raw observation is left out."""
+    out = [_cut(s) for s in ev.get("symptoms") or []]
+    u = ev.get("unit_state") or {}
+    if u:
+        out.append(f"unit: {u.get('active')} ({u.get('sub')}, result {u.get('result')}), {u.get('restarts')} restarts")
+        for d in u.get("drop_ins") or []:
+            out.append(f"drop-in {d.get('path')}: " + ("; ".join(d.get("settings") or []) or "(empty)"))
+    hogs = ev.get("memory_hogs") or []
+    out += [f"memory hog: {_proc(h)} holds {h.get('rss_mib')} MiB" for h in hogs]
+    if not hogs:
+        big = [p for p in (ev.get("node_stats") or {}).get("top_memory") or [] if (p.get("rss_mib") or 0) >= 64]
+        out += [f"large process: {_proc(p)} holds {p.get('rss_mib')} MiB" for p in big[:3]]
+    listen = ev.get("listen")
+    if listen:
+        holders = listen.get("holders") or []
+        out.append(f"port {listen.get('port')} held by: " + ("; ".join(_proc(h) for h in holders) or "nobody"))
+    net = ev.get("network")
+    if net is not None:
+        out.append("qdiscs: " + ("; ".join(" ".join(q.split()) for q in net.get("qdiscs") or []) or "none"))
+        drops = [" ".join(l.split()) for l in net.get("nft_ruleset") or [] if " drop" in l or "reject" in l]
+        out.append("nft rules that drop: " + ("; ".join(drops) or "none"))
+        for n, d in (net.get("dependencies") or {}).items():
+            h = d.get("health") or {}
+            out.append(f"from the node, {n} at {d.get('address')}: connect {_cut(d.get('tcp_connect'), 60)}, "
+                       f"health {h.get('status', h.get('error', '?'))}")
+    cfg = ev.get("config")
+    if cfg and cfg.get("dependencies") is not None:
+        out.append(f"config {cfg.get('path')} names: " + ("; ".join(
+            f"{n} at {a.get('host')}:{a.get('port')}" for n, a in cfg["dependencies"].items()) or "no dependency"))
+    disk = ev.get("disk")
+    if disk:
+        out.append(f"disk of {disk.get('data_dir')}: mounted at {disk.get('mount_point')} "
+                   f"({disk.get('mount_options')}), {disk.get('use_pct')} used, writable {disk.get('writable')}")
+        files = disk.get("largest_files") or []
+        if files:
+            out.append("largest files: " + "; ".join(f"{f.get('path')} ({f.get('mib')} MiB)" for f in files))
+        for w in disk.get("open_by") or []:
+            out.append(f"writing under it: {_proc(w)}: " + ", ".join(w.get("files") or []))
+    fds = ev.get("fds")
+    if fds and fds.get("open") is not None:
+        out.append(f"open files of the main process: {fds.get('open')} (limit {fds.get('soft_limit')})")
+    return out
 
 
 def _metrics_safe(target) -> dict | None:

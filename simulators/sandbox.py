@@ -72,6 +72,18 @@ class SandboxConfig:
     vcpus: int = 1                   # libvirt: guest CPUs
     accel: str = "auto"              # libvirt: auto (kvm if doctor finds it works), kvm, tcg
     reaper: bool = True              # destroy the sandbox if the owning process dies
+    # Nodes may open connections to the host. Only for sandboxes that stand in for lab hosts
+    # (they join the host's Ray cluster); never where a model-written playbook runs.
+    reach_host: bool = False
+    # Per-node resource limits, 0 = none (docs/sandboxes.md, "Resource limits"). nspawn
+    # enforces them in the node's own cgroups and a disk image; a libvirt guest is bounded
+    # by its size (memory_mib, vcpus, its disk) instead.
+    limit_pids: int = 1024           # tasks (processes and threads)
+    limit_memory_mib: int = 3072     # RAM + swap; an excess is OOM-killed inside the node
+    limit_cpus: float = 1.0          # CPU time, in CPUs (CFS quota), like a 1-vCPU guest
+    limit_cpu_shares: int = 1024     # relative weight while the host's CPUs are contended
+    limit_disk_mib: int = 2048       # what the node's writable layer may take from the host's disk
+    userns: bool = True              # nspawn: node root is an unprivileged user on the host
 
 
 _BACKENDS: dict[str, type["Sandbox"]] = {}
@@ -167,12 +179,29 @@ class Sandbox(ABC):
     def start(self) -> "Sandbox":
         try:
             self._start_nodes()
+            self._isolate()
         except BaseException:
             self.stop()
             raise
         self.record.status = "running"
         state.save(self.record)
         return self
+
+    def _isolate(self) -> None:
+        """Nodes may answer the host but not call it (see simulators/netguard.py). Put in
+        force before the first node answers SSH, so before anything but the image has run
+        there; a sandbox whose rules cannot be set does not start."""
+        bridge = self.record.extra.get("bridge")
+        if self.config.reach_host:
+            self.record.extra["reach_host"] = True
+            state.save(self.record)
+            return
+        if not bridge:
+            return
+        from . import netguard
+        netguard.isolate(bridge, dhcp=self.backend == "libvirt")
+        self.record.extra["isolated"] = True
+        state.save(self.record)
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Block until sshd answers a command on every node; return the seconds waited.
@@ -229,6 +258,7 @@ class Sandbox(ABC):
         self._close_ssh()
         with _no_interrupts():
             type(self).destroy(self.record)
+            _release_host_side(self.record)
             _stop_reaper(self.record)
             state.forget(self.record.name)
             from e2e_reme.host import safe_rmtree
@@ -441,6 +471,7 @@ def gc() -> list[str]:
             except UnknownBackend:
                 continue
             cls.destroy(rec)
+            _release_host_side(rec)
             _stop_reaper(rec)
             state.forget(rec.name)
             from e2e_reme.host import safe_rmtree
@@ -448,6 +479,9 @@ def gc() -> list[str]:
             done.append(f"sandbox {rec.name} ({rec.backend}; owner pid {rec.owner_pid} is gone)")
         for cls in backend_catalog().values():
             done += cls.sweep(live)
+        from . import controller, netguard
+        done += controller.sweep(live)
+        done += netguard.sweep({r.extra["bridge"] for r in live if r.extra.get("bridge")})
         # Directories with no record at all (a crash between mkdir and the record).
         from e2e_reme.host import safe_rmtree
         names = {r.name for r in live}
@@ -456,6 +490,14 @@ def gc() -> list[str]:
                 safe_rmtree(d)
                 done.append(f"directory {d}")
     return done
+
+
+def _release_host_side(record: SandboxRecord) -> None:
+    """What the sandbox holds on the host outside its backend: its jailed controller (if one
+    is running) and its network rules."""
+    from . import controller, netguard
+    controller.destroy(record)
+    netguard.release(record.extra.get("bridge"))
 
 
 # ---- the reaper: destroys a sandbox whose owner died without stopping it ---------------

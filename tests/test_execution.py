@@ -86,7 +86,7 @@ def test_parse_refuses(text, error_class, words):
     ("```yaml\n- hosts: localhost\n  tasks:\n    - command: id\n```", "gate", "GateViolation"),
 ])
 def test_early_stages_stop_with_their_error_class(tmp_path, text, stage, error_class):
-    out = run_pipeline(text, inventory=tmp_path / "missing.yaml", inventory_hosts=["n0"], workdir=tmp_path / "w")
+    out = run_pipeline(text, inventory_hosts=["n0"], workdir=tmp_path / "w")
     assert (out.stage, out.ok, out.error_class) == (stage, False, error_class)
     assert out.run is None and not (tmp_path / "w" / "events.jsonl").exists()
     assert out.error_class in ERROR_CLASSES and out.stage in STAGES
@@ -96,7 +96,7 @@ def test_early_stages_stop_with_their_error_class(tmp_path, text, stage, error_c
 
 def test_a_gate_refusal_names_every_rule(tmp_path):
     text = "```yaml\n- hosts: n0\n  tasks:\n    - command: reboot\n    - shell: kill -9 -1\n```"
-    out = run_pipeline(text, inventory=tmp_path / "x.yaml", inventory_hosts=["n0"], workdir=tmp_path)
+    out = run_pipeline(text, inventory_hosts=["n0"], workdir=tmp_path)
     assert out.gate is not None and list(out.gate.rules) == ["reboot", "kills_everything"]
     assert "reboot" in out.reason and "kills_everything" in out.reason
     assert "kill -9 -1" in out.summary()
@@ -108,15 +108,14 @@ def test_a_gate_refusal_names_every_rule(tmp_path):
 @pytest.fixture(scope="module")
 def env(image, tmp_path_factory):
     with create_sandbox("nspawn", nodes=1, name=f"pt-exec-{secrets.token_hex(2)}") as sb:
-        d = tmp_path_factory.mktemp("exec")
-        yield sb, sb.write_inventory(d / "hosts.yaml"), [n.name for n in sb.nodes]
+        yield sb, None, [n.name for n in sb.nodes]
 
 
 def pipeline(env, tmp_path, tasks: list[dict], **kw):
     sb, inv, hosts = env
     play = [{"name": "remediate", "hosts": hosts[0], "gather_facts": False, "tasks": tasks}]
     text = f"Here you go:\n```yaml\n{yaml.safe_dump(play, sort_keys=False)}```\n"
-    return run_pipeline(text, inventory=inv, inventory_hosts=hosts, workdir=tmp_path, **kw)
+    return run_pipeline(text, sandbox=sb, inventory_hosts=hosts, workdir=tmp_path, **kw)
 
 
 def test_a_good_playbook_reaches_done(env, tmp_path):
@@ -177,13 +176,10 @@ def test_a_hanging_task_times_out(env, tmp_path):
 
 
 def test_a_host_that_refuses_ssh_is_unreachable(env, tmp_path):
-    sb, inv, hosts = env
-    data = yaml.safe_load(inv.read_text())
-    data["all"]["hosts"]["n0"]["ansible_port"] = 1          # nothing listens there: refused at once
-    bad = tmp_path / "bad-hosts.yaml"
-    bad.write_text(yaml.safe_dump(data))
-    out = run_pipeline(f"```yaml\n{PLAY}```", inventory=bad, inventory_hosts=hosts, workdir=tmp_path / "w",
-                       timeout_s=60)
+    sb, _, hosts = env
+    # Nothing listens on port 1: refused at once. Extra vars are the pipeline's own (trusted) input.
+    out = run_pipeline(f"```yaml\n{PLAY}```", sandbox=sb, inventory_hosts=hosts, workdir=tmp_path / "w",
+                       timeout_s=60, extravars={"ansible_port": 1})
     assert (out.stage, out.error_class) == ("execute", "Unreachable")
     assert "n0" in out.reason
 

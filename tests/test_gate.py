@@ -1,5 +1,8 @@
 """The safety gate, specified by what it refuses (each rule, by name) and what it must let
-through: every playbook of the expert runbook, and ordinary remediations. Pure and fast."""
+through: every playbook of the expert runbook, and ordinary remediations. Pure and fast.
+
+The gate is defence in depth (docs/gate.md): these tests pin the spellings it recognises,
+not a proof that no other spelling exists; the jailed controller is the boundary."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 import yaml
 
 from e2e_reme.simulators.faults import fault_catalog
-from e2e_reme.simulators.gate import RULES, GateResult, Violation, check_playbook
+from e2e_reme.simulators.gate import RULES, GateResult, Violation, check_playbook, check_text
 from e2e_reme.simulators.runbook import RunbookInput, expert_playbook
 from e2e_reme.simulators.systems.target import ServiceTarget
 
@@ -355,9 +358,13 @@ def test_legitimate_config_and_drop_in_edits_pass(task):
 
 
 def test_the_rule_names_are_the_documented_ones():
+    from pathlib import Path
     assert set(RULES) == {"not_a_playbook", "unfollowable_include", "hosts_outside_inventory",
                           "controller_delegation", "reboot", "destructive_delete", "device_write", "stops_sshd",
-                          "kills_everything", "verification_inputs"}
+                          "kills_everything", "verification_inputs", "controller_file", "jinja_internals",
+                          "inventory_change"}
+    doc = (Path(__file__).parent.parent / "docs" / "gate.md").read_text()
+    assert [r for r in RULES if f"`{r}`" not in doc] == []
 
 
 # ---- the expert runbook passes, every fault kind --------------------------------------------------
@@ -420,3 +427,299 @@ def test_the_gate_refuses_the_adversarial_kill_and_wipe():
     assert "kills_everything" in rules(kill)
     wipe = yaml.safe_load((adv / "wipe-data-restart.yaml").read_text())
     assert rules(wipe) == ["verification_inputs"]    # `for d in /var/lib/remed/*/; do rm -rf "$d"seed`
+
+
+# ---- issue 13: what reaches the controller, in every spelling the gate recognises ---------------
+# Each case is one line of YAML: a task (run in a play on n0), or a whole play when it has `hosts`.
+
+def pb(line: str) -> list[dict]:
+    d = yaml.safe_load(line)
+    return [d] if isinstance(d, dict) and "hosts" in d else play(d)
+
+
+def refuses(line: str, rule: str) -> GateResult:
+    res = check_playbook(pb(line), HOSTS)
+    assert rule in res.rules, f"{line}: {[str(v) for v in res.violations]}"
+    assert "\n" not in res.reason and res.reason.split(":")[0] in RULES
+    return res
+
+
+@pytest.mark.parametrize("line", [
+    "{add_host: {name: n0, ansible_connection: local}, vars: {ansible_ssh_common_args: x}}",
+    "{set_fact: {ansible_ssh_common_args: \"-o ProxyCommand='touch /tmp/pwn'\"}}",
+    "{set_fact: ansible_connection=local}",
+    "{ansible.builtin.set_fact: {ansible_host: 127.0.0.1}}",
+    "{set_fact: {ansible_ssh_executable: /tmp/x}}",
+    "{set_stats: {data: {ansible_connection: local}}}",
+    "{debug: {msg: x}, vars: {ansible_ssh_private_key_file: /jail/key}}",
+    "{debug: {msg: x}, vars: {ansible_private_key_file: /jail/key}}",
+    "{debug: {msg: x}, vars: {ansible_python_interpreter: \"/bin/sh -c 'touch /tmp/pwn' #\"}}",
+    "{debug: {msg: x}, vars: {ansible_python_interpreter: \"{{ py }}\"}}",
+    "{debug: {msg: x}, vars: {ansible_become_exe: /tmp/x}}",
+    "{debug: {msg: x}, vars: {ansible_shell_executable: /tmp/x}}",
+    "{debug: {msg: x}, vars: {ansible_port: 2222}}",
+    "{debug: {msg: x}, vars: {ansible_user: bob}}",
+    "{debug: {msg: x}, vars: {ansible_paramiko_proxy_command: touch /tmp/pwn}}",
+    "{debug: {msg: x}, vars: [{ansible_connection: local}]}",
+    "{debug: {msg: x}, become_exe: /tmp/x}",
+    "{debug: {msg: x}, remote_user: bob}",
+    "{debug: {msg: x}, port: 2222}",
+    "{block: [{debug: {msg: x}}], vars: {ansible_host: 127.0.0.1}}",
+    "{hosts: n0, vars: {ansible_scp_extra_args: x}, tasks: [{ping: {}}]}",
+    "{hosts: n0, module_defaults: {ping: {ansible_connection: local}}, tasks: [{ping: {}}]}",
+    "{hosts: n0, vars_prompt: [{name: x}], tasks: []}",
+    "{hosts: n0, debugger: on_failed, tasks: []}",
+], ids=lambda s: s[:60])
+def test_connection_variables_are_refused_wherever_they_are_set(line):
+    refuses(line, "controller_delegation")
+
+
+@pytest.mark.parametrize("line", [
+    "{set_fact: {\"{{ 'ansible_' ~ 'connection' }}\": local}}",
+    "{set_fact: {\"{{ k }}\": local}, vars: {k: ansible_connection}}",
+    "{set_fact: \"{{ k }}=local\"}",
+    "{set_fact: \"a=1 {{ k }}=local\"}",
+    "{debug: {msg: x}, vars: {\"{{ k }}\": local}}",
+], ids=lambda s: s[:60])
+def test_templated_keys_are_refused(line):
+    assert "templated" in refuses(line, "controller_delegation").reason
+
+
+@pytest.mark.parametrize("line", [
+    "{add_host: {name: n0, ansible_connection: local}}",
+    "{add_host: {name: n0, groups: web}}",
+    "{add_host: name=n9 ansible_host=127.0.0.1}",
+    "{ansible.builtin.add_host: {hostname: x}}",
+    "{group_by: {key: \"{{ ansible_hostname }}\"}}",
+    "{ansible.builtin.group_by: {key: x}}",
+    "{meta: refresh_inventory}",
+], ids=lambda s: s[:60])
+def test_inventory_changes_are_refused(line):
+    refuses(line, "inventory_change")
+
+
+@pytest.mark.parametrize("line", [
+    "{copy: {src: /etc/shadow, dest: /tmp/x}}",
+    "{ansible.builtin.copy: src=/root/.ssh/id_ed25519 dest=/tmp/x}",
+    "{copy: {src: /etc/shadow, dest: /tmp/x, remote_src: no}}",
+    "{copy: {src: /etc/shadow, dest: /tmp/x}, args: {remote_src: \"{{ r }}\"}}",
+    "{copy: {dest: /tmp/x}, args: {src: /etc/shadow}}",
+    "{template: {src: playbook.yaml, dest: /tmp/x}}",
+    "{ansible.builtin.template: {src: /etc/shadow, dest: /tmp/x}}",
+    "{unarchive: {src: /root/x.tgz, dest: /tmp}}",
+    "{assemble: {src: /etc, dest: /tmp/x, remote_src: false}}",
+    "{patch: {src: /root/p.diff, dest: /etc/hosts}}",
+    "{script: /root/x.sh}",
+    "{ansible.builtin.script: {cmd: /root/x.sh}}",
+    "{community.general.foo: {src: /etc/shadow}}",
+    "{uri: {url: \"http://n1/\", method: POST, src: /etc/shadow}}",
+    "{copy: {dest: /tmp/x}, args: src=/etc/shadow}",
+    "{action: copy src=/etc/shadow dest=/tmp/x}",
+    "{action: {module: copy, src: /etc/shadow, dest: /tmp/x}}",
+    "{hosts: n0, module_defaults: {copy: {src: /etc/shadow}}, tasks: [{copy: {dest: /tmp/x}}]}",
+    "{hosts: n0, module_defaults: {ansible.builtin.copy: {src: /etc/shadow}}, tasks: [{ansible.legacy.copy: {dest: /x}}]}",
+    "{block: [{copy: {dest: /tmp/x}}], module_defaults: {copy: {src: /etc/shadow}}}",
+    "{block: [{copy: {dest: /tmp/x}}], module_defaults: [{copy: {src: /etc/shadow}}]}",
+    "{debug: {msg: \"{% include '/etc/passwd' %}\"}}",
+    "{debug: {msg: \"{% import '/etc/x' as x %}\"}}",
+    "{debug: {msg: \"{{ '/etc/shadow' is exists }}\"}}",
+    "{debug: {msg: x}, when: \"'/etc/shadow' is ansible.builtin.file\"}",
+    "{debug: {msg: x}, when: \"'/root/.ssh' is not directory\"}",
+    "{debug: {msg: \"{{ ['/etc/shadow'] | select('exists') }}\"}}",
+    "{debug: {msg: \"{{ '/etc/*' | fileglob }}\"}}",
+], ids=lambda s: s[:60])
+def test_controller_side_file_sources_are_refused(line):
+    refuses(line, "controller_file")
+
+
+@pytest.mark.parametrize("line", [
+    "{copy: {src: /etc/shadow, dest: /tmp/x}, delegate_to: localhost}",
+    "{command: id, delegate_to: 127.0.0.1}",
+    "{local_action: {module: copy, src: /etc/shadow, dest: /tmp/x}}",
+    "{command: id, connection: local}",
+    "{hosts: n0, connection: local, tasks: [{command: id}]}",
+    "{hosts: n0, connection: \"{{ c }}\", tasks: [{command: id}]}",
+], ids=lambda s: s[:60])
+def test_controller_delegation_in_every_form(line):
+    refuses(line, "controller_delegation")
+
+
+@pytest.mark.parametrize("line", [
+    "{hosts: n0, module_defaults: {group/ansible.builtin.x: {src: /etc/shadow}}, tasks: [{ping: {}}]}",
+    "{hosts: n0, module_defaults: \"{{ d }}\", tasks: [{ping: {}}]}",
+    "{block: [{ping: {}}], module_defaults: {copy: src=/etc/shadow}}",
+], ids=lambda s: s[:60])
+def test_module_defaults_the_gate_cannot_attribute_are_unfollowable(line):
+    refuses(line, "unfollowable_include")
+
+
+@pytest.mark.parametrize("line", [
+    "{debug: {msg: \"{{ lookup('pi' ~ 'pe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ lookup('pi' + 'pe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ lookup(p, 'id') }}\"}, vars: {p: pipe}}",
+    "{debug: {msg: \"{{ lookup(*['pipe', 'id']) }}\"}}",
+    "{debug: {msg: \"{{ lookup(name='pipe') }}\"}}",
+    "{debug: {msg: \"{{ lookup('\\\\x70ipe', 'id') }}\"}}",
+    "{debug: {msg: \"{% set x = lookup('pipe', 'id') %}{{ x }}\"}}",
+    "{debug: {msg: \"{% set l = lookup %}{{ l('pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ (lookup)('pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ lookup\\n('pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ lookup(\\n'pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ ｌｏｏｋｕｐ('pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ q('ansible.builtin.pipe', 'id') }}\"}}",
+    "{debug: {msg: \"{{ query('env', 'HOME') }}\"}}",
+    "{debug: {msg: \"{{ lookup('community.general.redis', 'k') }}\"}}",
+    "{debug: {msg: \"{{ lookup('inventory_hostnames', 'all') }}\"}}",
+    "{debug: {msg: \"{{ {'a': lookup('file', '/etc/shadow')} }}\"}}",
+    "{debug: {var: \"lookup('pipe', 'id')\"}}",
+    "{debug: \"var=lookup('pipe','id')\"}",
+    "{debug: \"var=lookup('pipe', 'id')\"}",
+    "{debug: \"var=lookup ('pipe','id')\"}",
+    "{debug: {msg: x}, when: \"lookup('pipe', 'touch /tmp/pwn') == ''\"}",
+    "{debug: {msg: x}, failed_when: [\"q('pipe', 'id')\"]}",
+    "{assert: {that: [\"lookup('pipe', 'id')\"]}}",
+    "{debug: {msg: \"{{ item }}\"}, loop: \"{{ lookup('pipe', 'id', wantlist=True) }}\"}",
+    "{debug: {msg: \"{{ item }}\"}, with_ansible.builtin.pipe: id}",
+    "{debug: {msg: \"{{ item }}\"}, with_community.general.cartesian: [[1], [2]]}",
+    "{debug: {msg: \"{{ item }}\"}, with_fileglob: /etc/*}",
+    "{debug: {msg: \"{{ item }}\"}, with_first_found: [/etc/shadow]}",
+    "{debug: {msg: \"{{ item }}\"}, with_inventory_hostnames: all}",
+    "{hosts: n0, vars: {x: \"{{ lookup('pipe', 'id') }}\"}, tasks: [{ping: {}}]}",
+    "{hosts: \"{{ lookup('pipe', 'id') }}\", tasks: [{ping: {}}]}",
+    "{shell: \"echo {{ lookup('pipe', 'id') }}\"}",
+], ids=lambda s: s[:60])
+def test_lookups_in_every_spelling_are_refused(line):
+    refuses(line, "controller_delegation")
+
+
+@pytest.mark.parametrize("line", [
+    "{debug: {msg: \"{{ ''.__class__.__mro__[1].__subclasses__() }}\"}}",
+    "{debug: {msg: \"{{ lipsum.__globals__ }}\"}}",
+    "{debug: {msg: \"{{ self._TemplateReference__context }}\"}}",
+    "{debug: {msg: \"{{ x._private }}\"}}",
+    "{debug: {msg: \"{{ x['_private'] }}\"}}",
+    "{debug: {msg: \"{{ x|attr('a') }}\"}}",
+    "{debug: {msg: \"{{ x|map('attr', 'a')|list }}\"}}",
+    "{debug: {msg: \"{{ [x]|map(attribute=n)|list }}\"}}",
+    "{debug: {msg: \"{{ x['\\\\x5f\\\\x5fclass\\\\x5f\\\\x5f'] }}\"}}",
+    "{debug: {msg: \"{{ x[('_' ~ '_') ~ 'class' ~ ('_' ~ '_')] }}\"}}",
+    "{debug: {msg: \"{% set n = '_' ~ '_' ~ 'class' ~ '_' ~ '_' %}{{ x[n] }}\"}}",
+    "{debug: {msg: \"{{ ['_', '_', 'class', '_', '_']|join }}\"}}",
+    "{debug: {msg: \"{{ '%c%c' % (95, 95) }}\"}}",
+    "{debug: {msg: \"{{ '{0:c}{0:c}'.format(95) }}\"}}",
+    "{debug: {msg: \"{{ x[a ~ b] }}\"}}",
+    "{debug: {msg: \"{{ x.mro() }}\"}}",
+    "{debug: {msg: \"{{ vars.update({'a': 1}) }}\"}}",
+    "{debug: {msg: \"{{ namespace(a=1) }}\"}}",
+    "{debug: {msg: \"{{ cycler(1, 2) }}\"}}",
+    "{debug: {msg: \"{{ joiner(',') }}\"}}",
+    "{debug: {msg: \"{{ range(10**9)|list }}\"}}",
+    "{debug: {msg: \"{{ range(999999999)|list }}\"}}",
+    "{debug: {msg: \"{{ range(n)|list }}\"}}",
+    "{debug: {msg: \"{{ 'x' * 999999999 }}\"}}",
+    "{debug: {msg: \"{{ 'x' * (999 * 999 * 999) }}\"}}",
+    "{debug: {msg: \"{{ 'a' | center(999999999) }}\"}}",
+    "{debug: {msg: \"{{ '%999999999s' % x }}\"}}",
+    "{debug: {msg: \"{{ '_' '_class__' }}\"}}",
+    "{debug: {msg: \"{{ '%s%s' % ('_', '_') }}\"}}",
+    "{debug: {msg: x}, when: \"x.__class__ is defined\"}",
+], ids=lambda s: s[:60])
+def test_jinja_reaching_python_internals_is_refused(line):
+    refuses(line, "jinja_internals")
+
+
+TASK = "- hosts: n0\n  tasks:\n    - ansible.builtin.debug: {msg: hi}\n"
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("# {{ lookup('pipe', 'touch /tmp/pwn') }}\n" + TASK, "controller_delegation"),
+    (TASK + "# {{ lookup('pipe', 'touch /tmp/pwn') }}\n", "controller_delegation"),
+    ("# {% set l = lookup %}{{ l('pipe', 'id') }}\n" + TASK, "controller_delegation"),
+    ("# {{ lookup(\n#   'pipe', 'id') }}\n" + TASK, "controller_delegation"),
+    ("# {{ lookup('pi' ~ 'pe', 'id') }}\n" + TASK, "controller_delegation"),
+    ("# lookup('pipe', 'id')\n" + TASK, "controller_delegation"),
+    ("# {{ q('file', '/etc/shadow') }}\n" + TASK, "controller_delegation"),
+    ("# {% include '/etc/shadow' %}\n" + TASK, "controller_file"),
+    ("# {{ ''.__class__.__mro__ }}\n" + TASK, "jinja_internals"),
+    ("# ''.__class__.__subclasses__()\n" + TASK, "jinja_internals"),
+    ("#jinja2: variable_start_string: '[%', variable_end_string: '%]'\n" + TASK, "jinja_internals"),
+    ("  # jinja2:block_start_string:'[%'\n" + TASK, "jinja_internals"),
+    (TASK.replace("hi", "\"{{ lookup('env', 'HOME') }}\""), "controller_delegation"),
+], ids=lambda x: x[:50] if isinstance(x, str) else None)
+def test_check_text_refuses_jinja_in_the_raw_text(text, rule):
+    res = check_text(text)
+    assert rule in res.rules and res.reason.startswith(f"{rule}: line ")
+
+
+def test_a_lookup_in_a_comment_is_seen_only_in_the_raw_text():
+    text = "# {{ lookup('pipe', 'touch /tmp/pwn') }}\n" + TASK
+    assert check_playbook(yaml.safe_load(text), HOSTS).ok
+    assert check_text(text).rules == ("controller_delegation",)
+
+
+@pytest.mark.parametrize("text", [None, b"- hosts: n0", "x" * 1_000_001], ids=["none", "bytes", "huge"])
+def test_check_text_refuses_what_it_cannot_read(text):
+    assert check_text(text).rules == ("not_a_playbook",)
+
+
+# What a remediation legitimately writes passes both checks.
+LEGIT = [
+    "{debug: {msg: \"{{ lookup('vars', 'x') }}\"}}",
+    "{debug: {msg: \"{{ query('ansible.builtin.dict', d) }}\"}}",
+    "{debug: {msg: \"{{ item }}\"}, with_items: [a, b]}",
+    "{debug: {msg: \"{{ item.key }}\"}, with_dict: {a: 1}}",
+    "{debug: {msg: \"{{ item }}\"}, with_sequence: start=1 end=3}",
+    "{debug: {msg: \"{{ hostvars[inventory_hostname]['ansible_host'] }}\"}}",
+    "{debug: {msg: \"{{ groups['all'][0] }} {{ r.stdout_lines[-1] }} {{ r.stdout[1:] }}\"}}",
+    "{debug: {msg: \"{{ r.stdout | from_json }}\"}}",
+    "{debug: {msg: \"{{ name | replace('-', '_') }} {{ name.split('_') }}\"}}",
+    "{debug: {msg: \"{{ range(3) | list }}\"}}",
+    "{debug: {msg: \"{{ {'a': [1, 2]} }}\"}}",
+    "{debug: {msg: x}, when: \"r.rc != 0 and 'x' in r.stdout\"}",
+    "{debug: {msg: x}, when: st.stat.exists}",
+    "{debug: {msg: x}, when: st.stat.size > 10000000}",
+    "{debug: {msg: \"{{ r.stdout | regex_replace('\\\\s+', ' ') | regex_replace('(a)', '\\\\\\\\1') }}\"}}",
+    "{meta: flush_handlers}",
+    "{name: check the DNS lookup (resolver) and query (dig), shell: dig +short n1 || true}",
+    "{copy: {src: /etc/remed/a.yaml, dest: /tmp/a.yaml, remote_src: true}}",
+    "{copy: {content: \"port: 8080\\n\", dest: /etc/remed/hello-service.yaml}}",
+    "{file: {src: /tmp/a, dest: /tmp/b, state: link}}",
+    "{unarchive: {src: \"https://example.com/x.tgz\", dest: /tmp}}",
+    "{slurp: {src: /etc/remed/hello-service.yaml}, register: r}",
+    "{debug: {msg: \"{{ r.content | b64decode }}\"}}",
+    "{shell: rm -rf /opt/app/__pycache__}",
+    "{shell: \"python3 -c 'import sys; print(__name__)'\"}",
+    "{shell: grep -q foo /etc/remed/hello-service.yaml}",
+    "{set_fact: {svc_ok: \"{{ r.status == 200 }}\"}}",
+    "{debug: {msg: x}, vars: {ansible_become: true, ansible_python_interpreter: auto_silent}}",
+    "{debug: {msg: x}, vars: {ansible_connection: ssh, ansible_python_interpreter: /usr/bin/python3.11}}",
+    "{hosts: n0, remote_user: root, become: true, tasks: [{ping: {}}]}",
+    "{hosts: n0, module_defaults: {ansible.builtin.uri: {timeout: 5}}, tasks: [{uri: {url: \"http://x\"}}]}",
+    "{hosts: all, gather_facts: false, tasks: [{systemd_service: {name: remed-x.service, state: restarted}}]}",
+]
+
+
+@pytest.mark.parametrize("line", LEGIT, ids=lambda s: s[:60])
+def test_legitimate_remediations_pass_both_checks(line):
+    res = check_playbook(pb(line), HOSTS)
+    assert res.ok, res.reason
+    text = yaml.safe_dump(pb(line), allow_unicode=True)
+    assert check_text(text).ok, check_text(text).reason
+
+
+def test_module_defaults_are_read_as_the_task_arguments():
+    # A default that deletes a protected tree is as visible as the same argument on the task.
+    plays = pb("{hosts: n0, module_defaults: {file: {path: /etc, state: absent}}, tasks: [{file: {}}]}")
+    assert check_playbook(plays, HOSTS).rules == ("destructive_delete",)
+
+
+@pytest.mark.parametrize("with_evidence", [False, True], ids=["no-evidence", "evidence"])
+@pytest.mark.parametrize("kind, target", CASES, ids=[f"{k}-{t.kind}" for k, t in CASES])
+def test_the_expert_runbook_passes_the_text_check(kind, target, with_evidence):
+    ev = {}
+    if with_evidence:
+        parts = kind.split(":", 1)[1].split("+") if kind.startswith("compound:") else [kind]
+        ev = _evidence(parts[0], target) if len(parts) == 1 else {"parts": [_evidence(k, target) for k in parts]}
+    text = expert_playbook(RunbookInput.from_target(target, kind, ev, "n1", {"time-service": B, "hello-service": A}))
+    res = check_text(text)
+    assert res.ok, f"{kind}: {[str(v) for v in res.violations]}"

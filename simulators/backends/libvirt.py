@@ -46,6 +46,7 @@ Names (domain `remed-<slot>-n<i>`, network `remed-<slot>`, bridge `rmvbr<slot>`)
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -283,7 +284,8 @@ class LibvirtSandbox(Sandbox):
     def _start_nodes(self) -> None:
         slot = self.record.slot
         accel, cpu = self._accel()
-        self.record.extra.update(uri=uri(), network=_network(slot), bridge=_bridge(slot), accel=accel)
+        self.record.extra.update(uri=uri(), network=_network(slot), bridge=_bridge(slot), accel=accel,
+                                 limits=self._limits())
         for node in self.nodes:
             node.extra.update(domain=_domain(slot, node.index), mac=_mac(slot, node.index))
         # Saved before anything exists, so that a crash from here on leaves a record
@@ -393,6 +395,24 @@ class LibvirtSandbox(Sandbox):
         what = {libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
                 libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down"}.get(st, f"is in state {st}")
         return f"domain {name} {what} (console: {tail})"
+
+    def _limits(self) -> dict:
+        """What bounds a guest is its own size, not the limit_* options (those are nspawn's):
+        its memory and vCPUs, and its disk overlay, which grows at most to the image disk's
+        virtual size (plus the memory snapshot reset returns to). Its processes are counted
+        by its own kernel, so there is no host-side task limit to report."""
+        try:
+            info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(self.image.disk)]).stdout)
+            disk_mib = int(info["virtual-size"]) >> 20
+        except (HostCommandError, ValueError, KeyError):
+            disk_mib = None
+        return {"pids": None, "memory_mib": self.config.memory_mib, "cpus": float(self.config.vcpus),
+                "cpu_shares": None, "disk_mib": disk_mib, "userns": None}
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["limits"] = self.record.extra.get("limits")    # per node
+        return out
 
     def node_memory_mib(self, index: int) -> float:
         """Proportional set size of the node's QEMU process (guest RAM it touched plus QEMU)."""

@@ -5,10 +5,18 @@ Per sandbox (slot S from the address allocator):
     bridge   rmbrS               the host is .1 on it (SSH, load generation)
     node i   machine rmSnI       `systemd-nspawn --boot --network-bridge=rmbrS`
              veth    vb-rmSnI    made by nspawn, gone with the container's netns
-             <state>/sandboxes/<name>/n<i>/{upper,work,merged,console.log}
+             <state>/sandboxes/<name>/n<i>/{disk.img,rw/{upper,work,layer*},merged,console.log}
+             cgroup  remed-rmSnI in every hierarchy, with the node's limits
+             disk.img  sparse ext4 of limit_disk_mib, mounted (loop, discard) on rw/: the
+                       writable layer can take no more than that from the host's disk
 
 Reset = kill the container, discard the upper layer, mount a fresh one, boot again: the
 node is back to the image in about the time of one boot, with nothing rebuilt.
+
+Limits (pids, memory + swap, CPU quota and shares) are written into the node's cgroups
+before nspawn joins them; with `userns` the node runs in a user namespace of its own
+(a uid range per node, the overlay built from idmapped layers), so its root cannot mount
+the cgroup hierarchies to lift them. See docs/sandboxes.md, "Resource limits".
 
 This host has no systemd as PID 1 and a hybrid cgroup v1 layout, hence `--register=no`
 (no machined) and `--keep-unit` (no scope unit to create); both also work on a normal
@@ -17,6 +25,7 @@ systemd host.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -24,6 +33,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from e2e_reme.host import (HostCommandError, link_names as _links, mounts_below, proc_start_time,
                            process_alive, processes_named, run, safe_rmtree)
@@ -76,7 +86,8 @@ def _kill_container(nspawn_pid: int | None, machine: str) -> None:
     # And whatever is still in the container's own cgroup: when nspawn died first (a
     # SIGKILLed owner, Ray killing a worker's process group), its init lives on, orphaned,
     # with every service and injected fault of the node; only the cgroup still finds them.
-    pids += [p for p in _cgroup_pids(machine) if p not in pids]
+    dirs = _found_cgroup_dirs(machine)      # once: the loop below polls them
+    pids += [p for p in _cgroup_pids(machine, dirs) if p not in pids]
     deadline = time.monotonic() + 20
     while True:
         for pid in pids:
@@ -85,7 +96,7 @@ def _kill_container(nspawn_pid: int | None, machine: str) -> None:
             except OSError:
                 pass
         time.sleep(0.02)
-        pids = [p for p in pids if process_alive(p)] + [p for p in _cgroup_pids(machine) if p not in pids]
+        pids = [p for p in pids if process_alive(p)] + [p for p in _cgroup_pids(machine, dirs) if p not in pids]
         if not pids or time.monotonic() > deadline:
             break
     # The kernel removes the veth with the container's netns, but asynchronously; a
@@ -133,15 +144,52 @@ def _cgroup_dirs(machine: str) -> list[Path]:
     return dirs
 
 
-def _cgroup_pids(machine: str) -> list[int]:
+def _found_cgroup_dirs(machine: str) -> list[Path]:
+    """Every `remed-<machine>` cgroup that exists, wherever it is. `_cgroup_dirs` places it
+    under the calling process's own cgroup; a process in another one (gc from another
+    shell, a host whose sessions get memory cgroups of their own, as here) would miss the
+    node's cgroup in that hierarchy, and with it the node's processes and limits."""
+    found = {d for d in _cgroup_dirs(machine) if d.is_dir()}
+    found.update(_cgroups_named(lambda n: n == f"remed-{machine}"))
+    return sorted(found)
+
+
+def _cgroups_named(match: Callable[[str], bool], depth: int = 4) -> list[Path]:
+    """Cgroups whose name matches, in every hierarchy, at most `depth` levels down (not
+    below a match). os.walk skips what vanishes while it looks; others' nodes come and go."""
+    found = []
+    for mnt in _cgroup_mounts():
+        top = mnt.rstrip("/").count("/")
+        for here, dirs, _files in os.walk(mnt):
+            hits = [d for d in dirs if match(d)]
+            found += [Path(here, d) for d in hits]
+            dirs[:] = [] if here.count("/") - top >= depth - 1 else [d for d in dirs if d not in hits]
+    return found
+
+
+def _cgroup_mounts() -> list[str]:
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        fstype, _src, opts = right.split()[:3]
+        if fstype == "cgroup2" or (fstype == "cgroup" and "cpuset" not in opts.split(",")):
+            out.append(left.split()[4])
+    return out
+
+
+def _cgroup_pids(machine: str, dirs: list[Path] | None = None) -> list[int]:
     """Every process in the container's cgroups (any hierarchy, any depth)."""
     pids: set[int] = set()
-    for top in _cgroup_dirs(machine):
+    for top in _found_cgroup_dirs(machine) if dirs is None else dirs:
         if not top.is_dir():
             continue
-        for procs in top.rglob("cgroup.procs"):
+        # os.walk, not rglob: the node's systemd creates and removes cgroups below while we
+        # look, and a directory gone mid-walk is skipped rather than raised.
+        for here, _dirs, files in os.walk(top):
+            if "cgroup.procs" not in files:
+                continue
             try:
-                pids.update(int(x) for x in procs.read_text().split() if x != "0")
+                pids.update(int(x) for x in Path(here, "cgroup.procs").read_text().split() if x != "0")
             except (OSError, ValueError):
                 pass
     return sorted(pids)
@@ -149,18 +197,197 @@ def _cgroup_pids(machine: str) -> list[int]:
 
 def _remove_cgroups(machine: str) -> None:
     """rmdir the container's cgroups bottom-up (cgroup dirs hold only control files)."""
-    for top in _cgroup_dirs(machine):
+    for top in _found_cgroup_dirs(machine):
         if not top.is_dir():
             continue
-        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for here, _dirs, _files in os.walk(top, topdown=False):    # deepest first, top last
             try:
-                d.rmdir()
+                os.rmdir(here)
             except OSError:
                 pass
+
+
+# ---- limits -----------------------------------------------------------------------------
+
+CFS_PERIOD_US = 100_000
+MIN_DISK_MIB = 64          # below this ext4 and a booting node do not fit
+
+
+def _limits(config) -> dict:
+    """The node limits a config asks for, checked; kept in the record, so that a reset from
+    another process (attach) applies the same ones."""
+    lim = {"pids": int(config.limit_pids), "memory_mib": int(config.limit_memory_mib),
+           "cpus": float(config.limit_cpus), "cpu_shares": int(config.limit_cpu_shares),
+           "disk_mib": int(config.limit_disk_mib), "userns": bool(config.userns)}
+    for key in ("pids", "memory_mib", "cpus", "cpu_shares", "disk_mib"):
+        if lim[key] < 0:
+            raise SandboxError(f"limit_{key}={lim[key]}: a limit is a positive number, or 0 for none")
+    if 0 < lim["disk_mib"] < MIN_DISK_MIB:
+        raise SandboxError(f"limit_disk_mib={lim['disk_mib']}: a node needs at least {MIN_DISK_MIB} MiB "
+                           "(or 0 for no disk limit)")
+    if 0 < lim["cpu_shares"] < 2:
+        raise SandboxError("limit_cpu_shares must be at least 2 (the kernel's minimum), or 0 for the default")
+    return lim
+
+
+def _cgroup_settings(lim: dict) -> dict[str, str]:
+    """control file → value, for cgroup v1 and v2 alike; each is written where it exists."""
+    out: dict[str, str] = {}
+    if lim.get("pids"):
+        out["pids.max"] = str(lim["pids"])
+    if lim.get("memory_mib"):
+        b = str(lim["memory_mib"] << 20)
+        # v1: memsw (memory + swap) may not be below the memory limit, so memory first.
+        out.update({"memory.limit_in_bytes": b, "memory.memsw.limit_in_bytes": b,
+                    "memory.max": b, "memory.swap.max": "0"})
+    if lim.get("cpus"):
+        quota = max(1000, int(lim["cpus"] * CFS_PERIOD_US))
+        out.update({"cpu.cfs_period_us": str(CFS_PERIOD_US), "cpu.cfs_quota_us": str(quota),
+                    "cpu.max": f"{quota} {CFS_PERIOD_US}"})
+    if lim.get("cpu_shares"):
+        out["cpu.shares"] = str(lim["cpu_shares"])
+        out["cpu.weight"] = str(max(1, min(10000, lim["cpu_shares"] * 100 // 1024)))
+    return out
+
+
+def _apply_limits(machine: str, lim: dict) -> list[str]:
+    """Write the limits into the node's (fresh, empty) cgroups; return what was set, as
+    `file=value`. A limit this host has no control file for is left out, not faked."""
+    done = []
+    for cg in _cgroup_dirs(machine):
+        for name, value in _cgroup_settings(lim).items():
+            f = cg / name
+            if f.exists():
+                try:
+                    f.write_text(value)
+                except OSError as e:
+                    raise SandboxError(f"node {machine}: cannot set {name}={value} in {cg}: {e}") from e
+                done.append(f"{name}={value}")
+    return done
+
+
+# ---- user namespaces: node root is host uid BASE, not 0 ----------------------------------
+#
+# nspawn's own `--private-users-ownership=map` idmaps the directory it boots, which here is
+# an overlay, and overlayfs cannot be idmapped itself ("ID mapped mounts are apparently not
+# available"). Its layers can: the image's rootfs and the node's rw/ (upper, work, frozen
+# layers) are bind-mounted idmapped (on-disk uid k shows as BASE + k), the overlay is made
+# of those, and nspawn boots it with the ownership left as it is. On disk every file keeps
+# the image's own ids, so resets, checkpoints and the host's reading of them are unchanged.
+
+UID_BASE = 0x80000000      # above nspawn's `pick` range (0x00080000-0x6FFF0000) and any login user
+UID_RANGE = 1 << 16
+MAX_NODES_USERNS = 32
+
+
+def _uid_base(slot: int, index: int) -> int:
+    """A 64 Ki uid range of its own for every node of every slot."""
+    base = UID_BASE + (slot * MAX_NODES_USERNS + index) * UID_RANGE
+    if index >= MAX_NODES_USERNS or base + UID_RANGE > 0xFFFF0000:
+        raise SandboxError(f"node {index} of slot {slot}: no uid range left for a user namespace "
+                           f"(at most {MAX_NODES_USERNS} nodes a sandbox); pass userns=False")
+    return base
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442     # x86_64, arm64 alike
+_OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_EMPTY_PATH = 1, 0o2000000, 0x1000
+_MOVE_MOUNT_F_EMPTY_PATH, _MOUNT_ATTR_IDMAP, _AT_FDCWD = 4, 0x100000, -100
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _syscall(nr: int, *args) -> int:
+    r = _libc.syscall(nr, *args)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def _idmap_userns(base: int) -> int:
+    """An fd of a user namespace mapping uid/gid k to BASE + k (k < 64 Ki), and on-disk
+    65536 to host root: overlayfs creates its work files as the mounter (root), which an
+    idmapped layer must be able to represent (else EOVERFLOW and a read-only overlay)."""
+    proc = subprocess.Popen(["unshare", "--user", "sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{proc.pid}/ns/user") == mine:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SandboxError("cannot make a user namespace (unshare --user did not start)")
+            time.sleep(0.005)
+        for f in ("uid_map", "gid_map"):
+            Path(f"/proc/{proc.pid}/{f}").write_text(f"0 {base} {UID_RANGE}\n{UID_RANGE} 0 1\n")
+        return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _idmapped_bind(src: Path, dst: Path, userns_fd: int) -> None:
+    fd = _syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(src).encode(), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr))
+        _syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, str(dst).encode(), _MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(fd)
+
+
+def _mounted(path: Path) -> bool:
+    """Whether something is mounted on `path`. Not os.path.ismount: a bind mount from the
+    same filesystem (the image's rootfs, idmapped) has the device of its parent."""
+    return os.path.realpath(path) in mounts_below(path)
+
+
+def _unmount_all_below(d: Path) -> None:
+    """Lazily unmount everything below `d`, the overlay first, then the layers under it,
+    again while any is left (mounts stacked on one point come off one at a time)."""
+    for _ in range(256):
+        found = mounts_below(d)
+        if not found:
+            return
+        for mnt in sorted(found, key=lambda m: not m.endswith("/merged")):
+            run(["umount", "-l", mnt], check=False)
+
+
+def _counter(path: Path, key: str) -> int:
+    """The value of `key N` in a cgroup's flat-keyed file; 0 if there is none."""
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key and v.strip().isdigit():
+                return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def _loop_devices_below(path: Path) -> dict[str, str]:
+    """loop device → backing file, for every loop device whose file is (or was, before it
+    was deleted) below `path`."""
+    root = os.path.realpath(path).rstrip("/") + "/"
+    found = {}
+    for dev in Path("/sys/block").glob("loop*"):
         try:
-            top.rmdir()
+            backing = (dev / "loop/backing_file").read_text().strip()
         except OSError:
-            pass
+            continue
+        if backing.removesuffix(" (deleted)").startswith(root):
+            found[f"/dev/{dev.name}"] = backing
+    return found
+
+
+def _detach_loops_below(path: Path) -> list[str]:
+    """Detach them (a busy one is detached by the kernel when its last user lets go)."""
+    found = _loop_devices_below(path)
+    for dev in found:
+        run(["losetup", "-d", dev], check=False)
+    return [f"loop {dev} ({f})" for dev, f in found.items()]
 
 
 def _stop_gracefully(nspawn_pid: int | None, machine: str, timeout: float = 15) -> None:
@@ -200,6 +427,7 @@ class NspawnSandbox(Sandbox):
     def _start_nodes(self) -> None:
         br = _bridge(self.record.slot)
         self.record.extra["bridge"] = br
+        self.record.extra["limits"] = _limits(self.config)
         state.save(self.record)
         if br not in _links():
             run(["ip", "link", "add", br, "type", "bridge"])
@@ -217,7 +445,11 @@ class NspawnSandbox(Sandbox):
             d = self._dir(node.index)
             run(["umount", "-l", str(d / "merged")], check=False)
             for sub in ("upper", "work"):
-                safe_rmtree(d / sub)
+                safe_rmtree(d / "rw" / sub)
+            if _mounted(d / "rw"):
+                # Online discard frees blocks in the background; this waits until every
+                # free block is given back to the host's disk.
+                run(["fstrim", str(d / "rw")], check=False)
             self._mount(node.index)
         for node in self.nodes:
             self._boot(node.index)
@@ -231,11 +463,12 @@ class NspawnSandbox(Sandbox):
         for node in self.nodes:
             d = self._dir(node.index)
             run(["umount", "-l", str(d / "merged")], check=False)
+            # Frozen layers stay on the node's disk image: they count against its quota.
             layers = node.extra.setdefault("layers", [])
-            frozen = d / f"layer{len(layers)}"
-            (d / "upper").rename(frozen)
-            layers.append(frozen.name)
-            safe_rmtree(d / "work")
+            frozen = d / "rw" / f"layer{len(layers)}"
+            (d / "rw" / "upper").rename(frozen)
+            layers.append(str(frozen.relative_to(d)))
+            safe_rmtree(d / "rw" / "work")
             self._mount(node.index)
         state.save(self.record)
         for node in self.nodes:
@@ -252,9 +485,9 @@ class NspawnSandbox(Sandbox):
             if m in running:
                 _kill_container(running[m], m)
         for node in record.nodes:
-            d = record.dir / node.name
-            for mnt in mounts_below(d):
-                run(["umount", "-l", mnt], check=False)
+            # The loop device of the disk image, set to clear itself, goes with its last unmount.
+            _unmount_all_below(record.dir / node.name)
+        _detach_loops_below(record.dir)
         br = record.extra.get("bridge")
         if br and br in _links():
             run(["ip", "link", "del", br], check=False)
@@ -280,8 +513,16 @@ class NspawnSandbox(Sandbox):
         for mnt in mounts_below(state.sandboxes_dir()):
             sb_dir = mnt[: len(root)] + "/" + mnt[len(root) + 1:].split("/")[0]
             if sb_dir not in live_dirs:
-                run(["umount", "-l", mnt], check=False)
+                _unmount_all_below(Path(mnt))
                 done.append(f"mount {mnt}")
+        # Disk images of dead sandboxes still attached (their last unmount never came).
+        real = Path(os.path.realpath(state.sandboxes_dir()))
+        live_real = {os.path.realpath(d) for d in live_dirs}
+        for dev, backing in _loop_devices_below(real).items():
+            sb_dir = real / Path(backing.removesuffix(" (deleted)")).relative_to(real).parts[0]
+            if str(sb_dir) not in live_real:
+                run(["losetup", "-d", dev], check=False)
+                done.append(f"loop {dev} ({backing})")
         for d in Path("/run/systemd/nspawn/propagate").glob("rm*n*"):
             if MACHINE_RE.match(d.name) and d.name not in ours:
                 shutil.rmtree(d, ignore_errors=True)
@@ -298,11 +539,10 @@ class NspawnSandbox(Sandbox):
         still in them: what `sweep` removes, and what a test session checks it left none of."""
         ours = _machines(live)
         out: dict[str, list[int]] = {}
-        for top in {cg.parent for cg in _cgroup_dirs("rm0n0")}:
-            for cg in top.glob("remed-rm*n*"):
-                m = cg.name.removeprefix("remed-")
-                if MACHINE_RE.match(m) and m not in ours and m not in out:
-                    out[m] = _cgroup_pids(m)
+        for cg in _cgroups_named(lambda n: n.startswith("remed-rm")):
+            m = cg.name.removeprefix("remed-")
+            if MACHINE_RE.match(m) and m not in ours and m not in out:
+                out[m] = _cgroup_pids(m)
         return out
 
     def node_failed(self, index: int) -> str | None:
@@ -314,6 +554,28 @@ class NspawnSandbox(Sandbox):
 
     def node_log(self, index: int) -> Path:
         return self._dir(index) / "console.log"
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["limits"] = self.record.extra.get("limits")    # per node; None: made before limits existed
+        return out
+
+    def limit_events(self, index: int) -> dict:
+        """How often the node ran into its limits since it last booted, read on the host:
+        `pids` (forks refused), `oom_kills` (processes killed for memory), and `disk_full`
+        (its writable layer has under 1 MiB free). What an episode reports as the reason
+        when a playbook exhausted one."""
+        machine = _machine(self.record.slot, index)
+        out = {"pids": 0, "oom_kills": 0, "disk_full": False}
+        for cg in _found_cgroup_dirs(machine):
+            out["pids"] += _counter(cg / "pids.events", "max")
+            out["oom_kills"] += _counter(cg / "memory.oom_control", "oom_kill")
+            out["oom_kills"] += _counter(cg / "memory.events", "oom_kill")
+        rw = self._dir(index) / "rw"
+        if _mounted(rw):
+            st = os.statvfs(rw)
+            out["disk_full"] = st.f_bavail * st.f_frsize < (1 << 20) or st.f_favail == 0
+        return out
 
     def node_memory_mib(self, index: int) -> float:
         """Proportional set size of every process in the node's PID namespace."""
@@ -344,16 +606,69 @@ class NspawnSandbox(Sandbox):
     def _dir(self, index: int) -> Path:
         return self.record.dir / self.nodes[index].name
 
+    def _disk(self, index: int) -> None:
+        """The node's writable layer on a disk of its own: a sparse ext4 image of
+        limit_disk_mib, made once per node and mounted on rw/ (a plain directory without a
+        limit). On a real disk, not tmpfs: an IO fault in the node must cause real IO."""
+        d = self._dir(index)
+        rw = d / "rw"
+        rw.mkdir(parents=True, exist_ok=True)
+        mib = self.record.extra.get("limits", {}).get("disk_mib", 0)
+        if not mib or _mounted(rw):
+            return
+        img = d / "disk.img"
+        try:
+            if not img.exists():
+                with open(img, "wb") as f:
+                    f.truncate(mib << 20)
+                # No journal (the layer is thrown away on reset), no reserved blocks, inodes
+                # written now rather than by a kernel thread during the node's first minutes.
+                run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-i", "32768",
+                     "-E", "lazy_itable_init=0,nodiscard", "-L", f"remed-{index}", str(img)])
+            # loop: detached with the last unmount; discard: deleted files free host blocks.
+            run(["mount", "-o", "loop,discard,noatime", str(img), str(rw)])
+        except HostCommandError as e:
+            raise SandboxError(f"sandbox {self.name}: cannot make the {mib} MiB disk of node "
+                               f"{self.nodes[index].name}: {e}") from e
+
+    def _idmapped_layers(self, index: int) -> Path:
+        """ids/{root,rw}: the image and rw/ as the node's user namespace sees them (once
+        per node; they stay mounted across resets)."""
+        ids = self._dir(index) / "ids"
+        todo = [(src, ids / name) for src, name in ((self.image.rootfs, "root"), (self._dir(index) / "rw", "rw"))
+                if not _mounted(ids / name)]
+        if not todo:
+            return ids
+        fd = _idmap_userns(_uid_base(self.record.slot, index))
+        try:
+            for src, dst in todo:
+                dst.mkdir(parents=True, exist_ok=True)
+                _idmapped_bind(src, dst, fd)
+        except OSError as e:
+            raise SandboxError(f"sandbox {self.name}: cannot make the idmapped layers of node "
+                               f"{self.nodes[index].name} ({e}); pass userns=False") from e
+        finally:
+            os.close(fd)
+        return ids
+
     def _mount(self, index: int) -> None:
         d = self._dir(index)
-        for sub in ("upper", "work", "merged"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
+        self._disk(index)
+        rw = d / "rw"
+        for sub in (rw / "upper", rw / "work", d / "merged"):
+            sub.mkdir(parents=True, exist_ok=True)
+        userns = self.record.extra.get("limits", {}).get("userns")
+        # Layers are stored as paths below d (rw/layer0); with a user namespace the same
+        # paths below ids/ are their idmapped views.
+        top, image = (self._idmapped_layers(index), self._dir(index) / "ids" / "root") if userns \
+            else (d, self.image.rootfs)
         try:
             # Checkpoint layers sit above the image, the newest on top (leftmost).
-            lower = ":".join([str(d / l) for l in reversed(self.nodes[index].extra.get("layers", []))]
-                             + [str(self.image.rootfs)])
+            lower = ":".join([str(top / l) for l in reversed(self.nodes[index].extra.get("layers", []))]
+                             + [str(image)])
+            up = top / "rw" if userns else rw
             run(["mount", "-t", "overlay", "overlay", "-o",
-                 f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}", str(d / "merged")])
+                 f"lowerdir={lower},upperdir={up / 'upper'},workdir={up / 'work'}", str(d / "merged")])
         except HostCommandError as e:
             raise SandboxError(f"sandbox {self.name}: cannot mount the overlay for node "
                                f"{self.nodes[index].name}: {e}") from e
@@ -368,6 +683,11 @@ class NspawnSandbox(Sandbox):
         (m / "etc/systemd/network/10-host0.network").write_text(
             "[Match]\nName=host0\n\n[Network]\n"
             f"Address={node.ip}/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n")
+        if userns:
+            # What the host wrote is the node root's, not the host's (uid 0 is not mapped in there).
+            base = _uid_base(self.record.slot, index)
+            for f in ("etc/hostname", "etc/hosts", "etc/systemd/network", "etc/systemd/network/10-host0.network"):
+                os.chown(m / f, base, base)
 
     def _boot(self, index: int) -> None:
         node = self.nodes[index]
@@ -376,6 +696,11 @@ class NspawnSandbox(Sandbox):
         machine = _machine(self.record.slot, index)
         cmd = ["systemd-nspawn", "--quiet", "-D", str(d / "merged"), "--boot", f"--machine={machine}",
                "--register=no", f"--network-bridge={_bridge(self.record.slot)}", "--console=passive"]
+        lim = self.record.extra.get("limits", {})
+        if lim.get("userns"):
+            # A user namespace of its own; the files are already idmapped (`_idmapped_layers`).
+            cmd += [f"--private-users={_uid_base(self.record.slot, index)}:{UID_RANGE}",
+                    "--private-users-ownership=off"]
         procs_files: list[Path] = []
         if not _systemd_is_init():
             cmd.append("--keep-unit")
@@ -383,6 +708,8 @@ class NspawnSandbox(Sandbox):
             for cg in _cgroup_dirs(machine):
                 cg.mkdir(exist_ok=True)
                 procs_files.append(cg / "cgroup.procs")
+            # Set before anything joins: nspawn and the node start inside the limits.
+            _apply_limits(machine, lim)
 
         def enter_cgroups() -> None:  # runs in the child, between fork and exec
             for f in procs_files:

@@ -1,0 +1,411 @@
+"""The jailed Ansible controller: where a model-written playbook is interpreted.
+
+Ansible's controller is not a passive sender of modules. It parses the playbook, renders
+Jinja (lookups read files and run commands *on the controller*), runs `local` connections,
+`add_host` with any connection variables, ProxyCommands, `template`/`copy` with controller
+sources. A playbook written by a model must therefore be interpreted where the worst it
+can reach is its own sandbox, never on the host. So every run of model output (syntax
+check, execution, idempotence re-run) happens in a throw-away container per run:
+
+    root        the guest image's root filesystem under a volatile overlay (nothing it
+                writes survives the run); no file of the host's but the project's Python
+                environment, read-only, at its own path (ansible-core, ansible-runner)
+    /jail       a tmpfs of `scratch_mib` holding the playbook, the inventory and the
+                sandbox's SSH key; the run's artifacts come back from there
+    network     a veth on the sandbox's own bridge at the subnet's last address, so it
+                reaches the sandbox's nodes and, through the sandbox's nftables table
+                (simulators/netguard.py), nothing of the host's
+    user        ansible runs as `nobody`, with no capabilities and no_new_privs; the
+                container's root only sets the address and drops privileges
+    limits      its own cgroup with pids.max and a memory limit; killed whole (every
+                process of the cgroup) when the run passes its time limit
+
+The host only writes the inputs and reads back JSON artifacts (ansible-runner's events,
+status, rc) with sizes bounded. What the jail cannot stop is a kernel exploit by a
+process that runs as `nobody`; the nodes themselves are no stronger boundary.
+
+    jail = JailRun = run_jailed(sb, playbook_text, workdir, JailJob(timeout_s=120, execute=True))
+    jail.syntax_rc, jail.syntax_output, jail.run (a PlaybookRun), jail.rerun, jail.start_s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from e2e_reme.host import mounts_below, run as host_run
+
+from .ansible import DEFAULT_ENV, PlaybookRun, host_stats
+from .state import SandboxRecord
+
+JAIL_UID = 65534               # nobody in the image
+MAX_EVENTS_BYTES = 32 << 20    # what the host reads back of a run's events, at most
+MAX_TEXT_BYTES = 1 << 20       # stdout, syntax-check output
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    pids_max: int = 512            # ansible forks a process per host and task
+    memory_mib: int = 1024
+    scratch_mib: int = 64          # /jail: inputs, artifacts, ansible's temp files
+    grace_s: float = 20.0          # past the playbook's own limit before the jail is killed
+
+
+@dataclass(frozen=True)
+class JailJob:
+    timeout_s: float = 120.0
+    execute: bool = True           # False: the syntax check only
+    rerun: bool = False            # run a second time (the idempotence check) if the first succeeded
+    extravars: dict = field(default_factory=dict)
+
+
+@dataclass
+class JailRun:
+    syntax_rc: int | None = None
+    syntax_output: str = ""
+    run: PlaybookRun | None = None
+    rerun: PlaybookRun | None = None
+    start_s: float = 0.0           # from launching the jail to its first command
+    marks: dict[str, float] = field(default_factory=dict)   # started, syntax, run, rerun: when each ended (epoch s)
+    total_s: float = 0.0
+    killed: bool = False           # it passed timeout + grace and was killed whole
+    error: str = ""                # ours, not the playbook's: the jail could not run
+
+    @property
+    def syntax_timed_out(self) -> bool:
+        return self.syntax_rc is None and self.killed
+
+
+def machine(slot: int) -> str:
+    return f"rm{slot}ctl"
+
+
+def jail_address(record: SandboxRecord) -> str:
+    """The controller's address: the subnet's last host address, which no node gets
+    (nodes count up from .2)."""
+    import ipaddress
+    net = ipaddress.ip_network(record.subnet)
+    addr = str(list(net.hosts())[-1])
+    if any(n.ip == addr for n in record.nodes):
+        raise ValueError(f"sandbox {record.name}: no address left for the controller in {record.subnet}")
+    return addr
+
+
+def run_jailed(sb, playbook_text: str, workdir: Path, job: JailJob,
+               config: ControllerConfig = ControllerConfig()) -> JailRun:
+    """Syntax-check and (job.execute) run the playbook against the sandbox's nodes, from a
+    jail on the sandbox's own network; see the module docstring. Never raises for what the
+    playbook does; `error` says when the jail itself failed (infrastructure)."""
+    out = JailRun()
+    t0 = time.monotonic()
+    bridge = sb.record.extra.get("bridge")
+    if not bridge:
+        out.error = f"sandbox {sb.name} has no bridge to attach the controller to"
+        return out
+    jdir = sb.record.dir / "ctl"
+    try:
+        _release_scratch(jdir)
+        _prepare_scratch(jdir, sb, playbook_text, job, config)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        _release_scratch(jdir)
+        out.error = f"cannot prepare the controller jail: {e}"
+        return out
+    try:
+        out = _run_container(sb.record, sb.image.rootfs, jdir, job, config, bridge)
+        _read_back(jdir, job, out)
+        _keep_artifacts(jdir, Path(workdir))
+    finally:
+        _release_scratch(jdir)
+    out.total_s = round(time.monotonic() - t0, 3)
+    return out
+
+
+# ---- the inputs ------------------------------------------------------------------------------
+
+def _prepare_scratch(jdir: Path, sb, playbook_text: str, job: JailJob, config: ControllerConfig) -> None:
+    jdir.mkdir(parents=True, exist_ok=True)
+    host_run(["mount", "-t", "tmpfs", "-o", f"size={config.scratch_mib}m,mode=0755,nosuid,nodev",
+              "tmpfs", str(jdir)])
+    pdd = jdir / "pdd"
+    for d in (pdd / "project", pdd / "inventory", pdd / "env", jdir / "home", jdir / "tmp", jdir / "out"):
+        d.mkdir(parents=True)
+    (pdd / "project" / "playbook.yaml").write_text(playbook_text)
+    inv = sb.inventory()
+    inv["all"]["vars"]["ansible_ssh_private_key_file"] = "/jail/key"
+    (pdd / "inventory" / "hosts.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+    (pdd / "env" / "envvars").write_text(json.dumps(_jail_env()))
+    (pdd / "env" / "extravars").write_text(json.dumps(job.extravars or {}, default=str))
+    (pdd / "env" / "settings").write_text(json.dumps({
+        "job_timeout": max(1, int(job.timeout_s)), "pexpect_timeout": 0.5, "suppress_ansible_output": True}))
+    shutil.copyfile(sb.image.ssh_key, jdir / "key")
+    os.chmod(jdir / "key", 0o600)
+    # The jailed user owns what it must write; the jail's top directory stays root's.
+    for p in [jdir / "key", jdir / "home", jdir / "tmp", jdir / "out", *pdd.rglob("*"), pdd]:
+        os.chown(p, JAIL_UID, JAIL_UID)
+
+
+def _jail_env() -> dict[str, str]:
+    return {**DEFAULT_ENV, "HOME": "/jail/home", "ANSIBLE_LOCAL_TEMP": "/jail/tmp/ansible",
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": "/jail/tmp/cp", "TMPDIR": "/jail/tmp", "LANG": "C.UTF-8",
+            "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def _script(ip: str, job: JailJob) -> str:
+    """What the container runs: as its root, the address and the privilege drop; as
+    nobody, the syntax check and the run(s). Passed as an argument, never as a file the
+    jailed user could rewrite between the steps."""
+    venv_bin = Path(sys.executable).parent
+    inner = [
+        "cd /jail",
+        f"{venv_bin}/ansible-playbook --syntax-check -i pdd/inventory/hosts.yaml -e @pdd/env/extravars "
+        "pdd/project/playbook.yaml >out/syntax.out 2>&1; echo $? >out/syntax.rc; date +%s.%N >out/syntax.done",
+    ]
+    if job.execute:
+        runner = f"{venv_bin}/ansible-runner run pdd -p playbook.yaml -q --rotate-artifacts 0"
+        inner.append(f'if [ "$(cat out/syntax.rc)" = 0 ]; then {runner} --ident run >/dev/null 2>&1; '
+                     'date +%s.%N >out/run.done; fi')
+        if job.rerun:
+            inner.append(f'if [ "$(cat pdd/artifacts/run/status 2>/dev/null)" = successful ]; then '
+                         f'{runner} --ident rerun >/dev/null 2>&1; date +%s.%N >out/rerun.done; fi')
+    drop = (f"setpriv --reuid={JAIL_UID} --regid={JAIL_UID} --clear-groups --no-new-privs "
+            "--inh-caps=-all --bounding-set=-all")
+    return "; ".join([
+        "date +%s.%N >/jail/started",
+        f"ip addr add {ip}/24 dev host0 && ip link set host0 up || exit 97",
+        f"exec {drop} /bin/sh -c {shlex.quote('; '.join(inner))}",
+    ])
+
+
+# ---- the container ---------------------------------------------------------------------------
+
+def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob,
+                   config: ControllerConfig, bridge: str) -> JailRun:
+    from .backends.nspawn import _cgroup_dirs, _remove_cgroups, _systemd_is_init
+    out = JailRun()
+    name = machine(record.slot)
+    venv, base = Path(sys.prefix), Path(os.path.realpath(sys.base_prefix))
+    cmd = ["systemd-nspawn", "--quiet", "--register=no", f"--machine={name}", "-D", str(rootfs),
+           "--volatile=overlay", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+           f"--network-bridge={bridge}", f"--bind={jdir}:/jail", f"--bind-ro={venv}",
+           "--tmpfs=/var/tmp:size=16m", "--chdir=/jail", "--console=pipe"]
+    if not str(base).startswith("/usr"):
+        if str(base).startswith("/root/"):
+            # The image's /root is 0700: the jailed user could not reach the interpreter.
+            cmd.append("--tmpfs=/root:mode=0711")
+        cmd.append(f"--bind-ro={base}")     # the venv's interpreter (pyenv, a custom build)
+    cmd += [f"--setenv={k}={v}" for k, v in _jail_env().items()]
+    procs: list[Path] = []
+    if not _systemd_is_init():
+        cmd.append("--keep-unit")
+        _remove_cgroups(name)
+        for cg in _cgroup_dirs(name):
+            cg.mkdir(exist_ok=True)
+            _limit(cg, config)
+            procs.append(cg / "cgroup.procs")
+    cmd += ["/bin/sh", "-c", _script(jail_address(record), job)]
+
+    def enter_cgroups() -> None:        # in the child, between fork and exec
+        for f in procs:
+            f.write_text(str(os.getpid()))
+
+    t0 = time.time()
+    limit = job.timeout_s * (2 if job.rerun else 1) + 60 + config.grace_s   # syntax check: 60 s
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True, preexec_fn=enter_cgroups)
+    try:
+        log, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        out.killed = True
+        log = b""
+    finally:
+        kill(record)
+    try:
+        out.start_s = round(float(_read_text(jdir / "started", 64)) - t0, 3)
+    except ValueError:
+        out.start_s = float("nan")
+    if proc.returncode == 97 or (not (jdir / "out" / "syntax.rc").exists() and not out.killed):
+        out.error = f"the controller jail did not start (nspawn exit {proc.returncode}): " \
+                    f"{log.decode(errors='replace')[-600:].strip()}"
+    return out
+
+
+def _limit(cg: Path, config: ControllerConfig) -> None:
+    """pids and memory limits on the jail's cgroup (whichever hierarchy this is)."""
+    for fname, value in (("pids.max", str(config.pids_max)),
+                         ("memory.limit_in_bytes", str(config.memory_mib << 20)),
+                         ("memory.max", str(config.memory_mib << 20))):
+        f = cg / fname
+        if f.exists():
+            try:
+                f.write_text(value)
+            except OSError:
+                pass
+
+
+def kill(record: SandboxRecord) -> None:
+    """End the sandbox's controller jail, if one runs: every process of its cgroup, then
+    its veth and cgroups (nspawn's own cleanup does not run after SIGKILL)."""
+    from .backends.nspawn import _kill_container
+    name = machine(record.slot)
+    for pid, argv in _jail_processes().items():
+        if f"--machine={name}" in argv:
+            _kill_container(pid, name)
+    _kill_container(None, name)
+
+
+def destroy(record: SandboxRecord) -> None:
+    """Everything of the sandbox's controller on the host (for Sandbox.stop and gc)."""
+    if record.backend not in ("nspawn", "libvirt"):
+        return
+    try:
+        kill(record)
+    finally:
+        _release_scratch(record.dir / "ctl")
+
+
+def sweep(live: list[SandboxRecord]) -> list[str]:
+    """Controller jails of sandboxes that no longer live (part of `remed sandbox gc`)."""
+    from .backends.nspawn import _kill_container
+    live_names = {machine(r.slot) for r in live}
+    done = []
+    for pid, argv in _jail_processes().items():
+        name = next((a.split("=", 1)[1] for a in argv if a.startswith("--machine=")), "")
+        if name not in live_names:
+            _kill_container(pid, name)
+            done.append(f"controller jail {name} (pid {pid})")
+    return done
+
+
+def _jail_processes() -> dict[int, list[str]]:
+    from e2e_reme.host import processes_named
+    import re
+    return {pid: argv for pid, argv in processes_named("systemd-nspawn").items()
+            if any(re.fullmatch(r"--machine=rm\d+ctl", a) for a in argv)}
+
+
+def _release_scratch(jdir: Path) -> None:
+    for mnt in sorted(mounts_below(jdir), key=len, reverse=True):
+        host_run(["umount", "-l", mnt], check=False)
+    if Path(jdir).is_dir() and not os.path.ismount(jdir):
+        shutil.rmtree(jdir, ignore_errors=True)
+
+
+# ---- the results -----------------------------------------------------------------------------
+
+def _read_back(jdir: Path, job: JailJob, out: JailRun) -> None:
+    """Only data crosses back: small text files and ansible-runner's JSON events, bounded."""
+    for mark, fname in (("started", "started"), ("syntax", "out/syntax.done"), ("run", "out/run.done"),
+                        ("rerun", "out/rerun.done")):
+        try:
+            out.marks[mark] = float(_read_text(jdir / fname, 64))
+        except ValueError:
+            pass
+    rc = _read_text(jdir / "out" / "syntax.rc", 16).strip()
+    out.syntax_rc = int(rc) if rc.isdigit() else None
+    out.syntax_output = _read_text(jdir / "out" / "syntax.out", MAX_TEXT_BYTES)
+    if job.execute and out.syntax_rc == 0:
+        out.run = _runner_result(jdir, "run", job, out.killed)
+        if job.rerun and out.run.ok:
+            out.rerun = _runner_result(jdir, "rerun", job, out.killed)
+
+
+def _runner_result(jdir: Path, ident: str, job: JailJob, killed: bool) -> PlaybookRun:
+    adir = jdir / "pdd" / "artifacts" / ident
+    status = _read_text(adir / "status", 64).strip()
+    rc = _read_text(adir / "rc", 16).strip()
+    events, budget = [], MAX_EVENTS_BYTES
+    evdir = adir / "job_events"
+    files = sorted(evdir.glob("*.json"), key=_event_order) if evdir.is_dir() else []
+    for f in files:
+        text = _read_text(f, min(budget, MAX_TEXT_BYTES * 4))
+        budget -= len(text)
+        if budget <= 0:
+            break
+        try:
+            ev = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            events.append(ev)
+    if killed and status not in ("successful", "failed"):
+        status = "timeout"
+    if status not in ("successful", "failed", "timeout", "canceled"):
+        status = "failed" if files else "timeout" if killed else "failed"
+    started = next((e.get("created") for e in events), None)
+    return PlaybookRun(status=status, rc=int(rc) if rc.lstrip("-").isdigit() else None,
+                       duration_s=_duration(events), stdout=_read_text(adir / "stdout", MAX_TEXT_BYTES),
+                       events=tuple(events), stats=host_stats(tuple(events)), playbook="playbook.yaml",
+                       artifact_dir=str(adir), error="" if files or killed else
+                       f"ansible-runner left no events (status {status or 'none'})" if not started else "")
+
+
+def _event_order(p: Path):
+    head = p.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 1 << 30
+
+
+def _duration(events: list[dict]) -> float:
+    from datetime import datetime
+    stamps = []
+    for e in (events[:1] + events[-1:]) if events else []:
+        try:
+            stamps.append(datetime.fromisoformat(str(e.get("created"))))
+        except ValueError:
+            pass
+    return round((stamps[-1] - stamps[0]).total_seconds(), 3) if len(stamps) == 2 else 0.0
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """A regular file inside the scratch space, at most `limit` bytes. The jailed user
+    owns most of that space and could have left a symlink to a host file there, so the
+    path must resolve inside it and the file must not be a link."""
+    if not _inside(path):
+        return ""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not os.path.stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return f.read(limit).decode(errors="replace")
+
+
+def _inside(path: Path) -> bool:
+    """The path resolves within a controller scratch space (`<sandbox dir>/ctl/`), with no
+    link on the way."""
+    real = os.path.realpath(path)
+    parts = Path(path).parts
+    top = next((i for i, p in enumerate(parts) if p == "ctl"), None)
+    if top is None:
+        return False
+    root = os.path.realpath(Path(*parts[:top + 1]))
+    rel = os.path.join(*parts[top + 1:]) if len(parts) > top + 1 else ""
+    return bool(rel) and real == os.path.join(root, rel)
+
+
+def _keep_artifacts(jdir: Path, workdir: Path) -> None:
+    """Copy what a person may want to read (outputs, events) out of the scratch space."""
+    dest = workdir / "ansible"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "syntax.out").write_text(_read_text(jdir / "out" / "syntax.out", MAX_TEXT_BYTES))
+        adir = jdir / "pdd" / "artifacts"
+        if adir.is_dir() and _inside(adir):
+            shutil.copytree(adir, dest / "artifacts", dirs_exist_ok=True, symlinks=True,
+                            ignore=lambda d, names: [n for n in names if (Path(d) / n).is_symlink()])
+    except OSError:
+        pass   # the outcome does not depend on these copies
+
+
+__all__ = ["ControllerConfig", "JailJob", "JailRun", "run_jailed", "kill", "destroy", "sweep", "jail_address",
+           "machine"]
