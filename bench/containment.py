@@ -44,7 +44,7 @@ PLAYBOOK = """- hosts: n0
     - name: write the config
       ansible.builtin.copy: {content: "limit: 10\\n", dest: /etc/remed-bench.conf, mode: "0644"}
     - name: check it
-      ansible.builtin.shell: grep -q 'limit: 10' /etc/remed-bench.conf
+      ansible.builtin.shell: "grep -q 'limit: 10' /etc/remed-bench.conf"
       changed_when: false
 """
 
@@ -58,7 +58,8 @@ def host_arm(sb, work: Path) -> float:
     t0 = time.monotonic()
     exe = Path(sys.executable).parent / "ansible-playbook"
     env = {**os.environ, **DEFAULT_ENV, "ANSIBLE_LOCAL_TEMP": str(work / "tmp")}
-    subprocess.run([str(exe), "--syntax-check", "-i", str(inv), str(pb)], check=True, capture_output=True, env=env)
+    r = subprocess.run([str(exe), "--syntax-check", "-i", str(inv), str(pb)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
     run = run_playbook(inv, pb, work / "ansible", 120)
     assert run.ok, run.summary()
     return time.monotonic() - t0

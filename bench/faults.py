@@ -6,7 +6,9 @@
 Per system: deploy time and memory per node after deploy (median over --deploys).
 Per fault type (on the first system, one episode each over --runs): time to inject, until
 its ground truth reads active, to build the full report, to run the expert runbook's
-playbook, to verify; and whether the verdict was a success. Prints tables, writes JSON.
+playbook, to verify (`verify`: the verdict with issue 14's checks; `verify_legacy`: the
+same verdict without the runtime, function and host-side seed checks, on the same state,
+in alternating order); and whether the verdict was a success. Prints tables, writes JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +34,36 @@ from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 from e2e_reme.simulators.systems.spec import load_system
 from e2e_reme.simulators.verifier import take_baseline, verify
 
-PHASES = ("inject", "active", "report", "execute", "verify")
+PHASES = ("inject", "active", "report", "execute", "verify", "verify_legacy")
+
+
+def legacy_seed_check(sb, dep) -> dict:
+    """The seed check as before issue 14: the node's own sha256sum and python."""
+    from e2e_reme.simulators.systems.deploy import verify_seed
+    problems = verify_seed(sb, dep)
+    return {"ok": not problems, "detail": "; ".join(problems[:3])}
+
+
+def verify_both(sb, dep, baseline, f, r: int) -> tuple[object, float, float]:
+    """The verify phase with the issue-14 checks and without them (runtime, function, the
+    host-side seed check), on the same settled state, in alternating order."""
+    def strict():
+        t = time.monotonic()
+        v = verify(sb, dep, baseline, [f])
+        return v, time.monotonic() - t
+
+    def legacy():
+        t = time.monotonic()
+        verify(sb, dep, baseline, [f], runtime=False, function_check=None, seed_check=legacy_seed_check)
+        return time.monotonic() - t
+
+    if r % 2:
+        old = legacy()
+        v, new = strict()
+    else:
+        v, new = strict()
+        old = legacy()
+    return v, new, old
 
 
 def med(xs):
@@ -93,9 +124,9 @@ def bench_faults(system: str, faults: list[str], target: str | None, runs: int, 
                 plays = yaml.safe_load(expert_playbook(report.runbook_input()))
                 run = run_playbook(inv, plays, Path(tmp) / "pdd", timeout_s=180)
                 samples["execute"].append(time.monotonic() - t)
-                t = time.monotonic()
-                verdict = verify(sb, dep, baseline, [f])
-                samples["verify"].append(time.monotonic() - t)
+                verdict, new, old = verify_both(sb, dep, baseline, f, r)
+                samples["verify"].append(new)
+                samples["verify_legacy"].append(old)
                 successes += verdict.success and run.status == "successful"
             out[fault] = {p: med(v) for p, v in samples.items()} | {"runs": runs, "successes": successes}
     return out

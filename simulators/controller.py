@@ -45,6 +45,7 @@ import yaml
 from e2e_reme.host import mounts_below, run as host_run
 
 from .ansible import DEFAULT_ENV, PlaybookRun, host_stats
+from .errors import SandboxError
 from .state import SandboxRecord
 
 JAIL_UID = 65534               # nobody in the image
@@ -123,6 +124,8 @@ def run_jailed(sb, playbook_text: str, workdir: Path, job: JailJob,
         out = _run_container(sb.record, sb.image.rootfs, jdir, job, config, bridge)
         _read_back(jdir, job, out)
         _keep_artifacts(jdir, Path(workdir))
+    except (OSError, subprocess.SubprocessError, SandboxError) as e:
+        out.error = f"the controller jail failed: {e}"
     finally:
         _release_scratch(jdir)
     out.total_s = round(time.monotonic() - t0, 3)
@@ -189,7 +192,7 @@ def _script(ip: str, job: JailJob) -> str:
 
 def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob,
                    config: ControllerConfig, bridge: str) -> JailRun:
-    from .backends.nspawn import _cgroup_dirs, _remove_cgroups, _systemd_is_init
+    from .backends.nspawn import _apply_limits, _systemd_is_init, fresh_cgroups
     out = JailRun()
     name = machine(record.slot)
     venv, base = Path(sys.prefix), Path(os.path.realpath(sys.base_prefix))
@@ -206,11 +209,8 @@ def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob
     procs: list[Path] = []
     if not _systemd_is_init():
         cmd.append("--keep-unit")
-        _remove_cgroups(name)
-        for cg in _cgroup_dirs(name):
-            cg.mkdir(exist_ok=True)
-            _limit(cg, config)
-            procs.append(cg / "cgroup.procs")
+        procs = fresh_cgroups(name)
+        _apply_limits(name, {"pids": config.pids_max, "memory_mib": config.memory_mib})
     cmd += ["/bin/sh", "-c", _script(jail_address(record), job)]
 
     def enter_cgroups() -> None:        # in the child, between fork and exec
@@ -236,19 +236,6 @@ def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob
         out.error = f"the controller jail did not start (nspawn exit {proc.returncode}): " \
                     f"{log.decode(errors='replace')[-600:].strip()}"
     return out
-
-
-def _limit(cg: Path, config: ControllerConfig) -> None:
-    """pids and memory limits on the jail's cgroup (whichever hierarchy this is)."""
-    for fname, value in (("pids.max", str(config.pids_max)),
-                         ("memory.limit_in_bytes", str(config.memory_mib << 20)),
-                         ("memory.max", str(config.memory_mib << 20))):
-        f = cg / fname
-        if f.exists():
-            try:
-                f.write_text(value)
-            except OSError:
-                pass
 
 
 def kill(record: SandboxRecord) -> None:

@@ -4,12 +4,25 @@ its systemd state, main process, the executable and code it runs, its configurat
 its listening socket; and the node's boot id and sshd state.
 
 The verifier compares these facts before and after a remediation; the reports use them
-as observations. The script runs with the guest's python3 and needs nothing else.
+as observations.
+
+The script is the verifier's own toolset: it travels in the command itself (nothing of it
+rests on the node to be swapped), runs as `/usr/bin/python3 -I -S` (no PYTHON* variable,
+no user site, no `site` at all: no `.pth`, no `sitecustomize`), imports only built-in
+and standard modules, and calls tools by absolute path (no PATH lookup, and not through
+the sandbox's `timeout`/`sh` wrapper). Parsing the configuration happens on the host, with
+the host's yaml. TOOLSET_SHA256 names the exact script in every verdict. What stays
+trusted on a node (its kernel, /usr/bin/python3 and its standard library, systemctl,
+root's login shell) is listed in docs/verdict.md; on nspawn the runtime check reads the
+node's changed files from the host, so a replaced one of these fails the verdict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
+import time
 
 from .sandbox import Sandbox
 from .systems.target import ServiceTarget
@@ -18,9 +31,13 @@ from .systems.target import ServiceTarget
 _GUEST_SCRIPT = r'''
 import hashlib, json, os, subprocess, sys
 
+SYSTEMCTL = next((p for p in ("/usr/bin/systemctl", "/bin/systemctl") if os.path.exists(p)), "/usr/bin/systemctl")
+
 def sh(*cmd):
+    if cmd and cmd[0] == "systemctl":
+        cmd = (SYSTEMCTL,) + cmd[1:]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, env={"PATH": "/nonexistent"}).stdout
     except Exception as e:
         return ""
 
@@ -31,17 +48,12 @@ def sha(path):
     except OSError:
         return None
 
-def config_digest(path):
+def config_text(path):
     try:
-        text = open(path).read()
+        with open(path, "rb") as f:
+            return f.read(262144).decode(errors="replace")
     except OSError:
         return None
-    try:
-        import yaml
-        data = yaml.safe_load(text)
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-    except Exception:
-        return hashlib.sha256(text.encode()).hexdigest()
 
 def listeners():
     """port -> socket inode for TCP sockets in LISTEN state (v4 and v6)."""
@@ -124,7 +136,7 @@ for s in services:
         "cpu_quota": info.get("CPUQuotaPerSecUSec"), "memory_max": info.get("MemoryMax"),
         "nofile": info.get("LimitNOFILE"),
         "exe": exe, "cmdline": cmd, "code_sha": code,
-        "config_digest": config_digest(s["config_path"]),
+        "config_text": config_text(s["config_path"]),
         "listening": s["port"] in lis,
         "socket_owner_pid": owner,
         "socket_owner_cgroup": cgroup_of(owner) if owner else None,
@@ -134,23 +146,101 @@ print(json.dumps(out))
 '''
 
 
+TOOLSET_SHA256 = hashlib.sha256(_GUEST_SCRIPT.encode()).hexdigest()
+PYTHON = "/usr/bin/python3"
+
+
+def toolset_exec(sb: Sandbox, node: int, script: str, input: str = "", timeout: float = 30
+                 ) -> tuple[int, str] | None:
+    """Run one of the verifier's scripts on a node as `/usr/bin/python3 -I -S -c SCRIPT`,
+    straight over the SSH transport (no wrapper looked up on the node's PATH). (rc, stdout),
+    or None if the node does not answer."""
+    cmd = f"{PYTHON} -I -S -c {shlex.quote(script)}"
+    try:
+        chan = sb._ssh(node).get_transport().open_session(timeout=10)
+    except Exception:
+        sb._drop_client(node)
+        try:
+            chan = sb._ssh(node).get_transport().open_session(timeout=10)
+        except Exception:   # an unreachable node is a fact, not a crash
+            return None
+    try:
+        chan.settimeout(timeout)
+        chan.exec_command(cmd)
+        if input:
+            chan.sendall(input.encode())
+        chan.shutdown_write()
+        out, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            b = chan.recv(65536)
+            if not b:
+                break
+            out.append(b)
+        return chan.recv_exit_status(), b"".join(out).decode(errors="replace")
+    except Exception:
+        return None
+    finally:
+        chan.close()
+
+
+def config_digest(text: str | None) -> str | None:
+    """The configuration's meaning, hashed on the host: a rewrite that means the same is
+    the same."""
+    if text is None:
+        return None
+    try:
+        import yaml
+        data = yaml.safe_load(text)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    except Exception:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
 def probe_node(sb: Sandbox, node: int, targets: list[ServiceTarget], timeout: float = 30) -> dict | None:
     """Facts of one node and the given services on it; None if the node does not answer."""
     payload = json.dumps([{"unit": t.unit, "port": t.port, "config_path": t.config_path,
                            "data_dir": t.data_dir} for t in targets])
-    # The script goes in a file first: `python3 -` would take stdin for the script itself.
-    cmd = ("f=$(mktemp) && cat > $f <<'REMED_PROBE_EOF'\n" + _GUEST_SCRIPT + "\nREMED_PROBE_EOF\n"
-           "python3 $f; rc=$?; rm -f $f; exit $rc")
-    try:
-        res = sb.exec(cmd, node=node, timeout=timeout, input=payload)
-    except Exception:  # an unreachable node is a fact, not a crash
-        return None
-    if not res.ok:
+    res = toolset_exec(sb, node, _GUEST_SCRIPT, payload, timeout)
+    if res is None or res[0] != 0:
         return None
     try:
-        return json.loads(res.stdout)
+        facts = json.loads(res[1])
     except ValueError:
         return None
+    for svc in facts.get("services", {}).values():
+        svc["config_digest"] = config_digest(svc.pop("config_text", None))
+    facts["toolset"] = TOOLSET_SHA256
+    return facts
+
+
+_HASH_SCRIPT = r'''
+import hashlib, json, sys
+out = {}
+for p in json.load(sys.stdin):
+    try:
+        with open(p, "rb") as f:
+            out[p] = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        out[p] = None
+print(json.dumps(out))
+'''
+
+
+def hash_files(sb: Sandbox, node: int, paths: list[str]) -> dict[str, str | None]:
+    """sha256 of files on a node, by the verifier's own code: read from the host through
+    the node's root (nspawn), else by the isolated toolset on the node."""
+    from . import hostview
+    if hostview.supported(sb):
+        root = hostview.node_root(sb, node)
+        if root is not None:
+            return {p: hostview.sha256(root, p) for p in paths}
+    res = toolset_exec(sb, node, _HASH_SCRIPT, json.dumps(paths))
+    if res is None or res[0] != 0:
+        return {}
+    try:
+        return json.loads(res[1])
+    except ValueError:
+        return {}
 
 
 def probe_all(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, dict | None]:

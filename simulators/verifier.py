@@ -10,8 +10,20 @@ a remediation a verdict is a success only if ALL of these hold, each with its ev
     integrity       nothing was replaced or bent: the same executable, command line, code
                     and (parsed) configuration as at baseline, the listening socket owned
                     by the unit's own process; no node rebooted; sshd running
-    seed_data       the data written at deploy time is intact
+    runtime         the runtime environment as at baseline, read from the host (nspawn): each
+                    service's environment, executable, code and mapped libraries, and no file
+                    changed outside the data dirs but the fault's own footprint (interpreter
+                    hooks, drop-ins, tools on PATH, preloads)
+    function        a nonce challenge through the entry that only the deployed code, calling
+                    its dependencies and writing its store, answers right (challenge.py)
+    seed_data       the data written at deploy time is intact (read by the host / the
+                    verifier's isolated toolset, never by a tool of the node)
     slo             the end-to-end SLO holds under the standard load for a window
+
+"Fault gone" is the fault's ground truth off *and* no residue: its processes, recorded
+from the host at injection by pid + start time, gone (not stopped, renamed or untagged),
+its stray file gone by inode, no mask over it. What counts as a fix per fault type is
+simulators/fixtable.py, shown in docs/verdict.md.
 
 Why these close the known loopholes: doing nothing leaves the fault (fault_gone);
 disabling or killing the target leaves it inactive (services); a stub answering /health
@@ -36,6 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
+import hashlib
+
+from . import hostview
+from .challenge import resp, run_challenge
 from .probe import probe_all
 from .errors import SandboxError
 from .sandbox import Sandbox
@@ -84,6 +100,7 @@ class Baseline:
     health: dict[str, dict]           # service -> {"status", "identity"}
     seed: dict                        # service-independent: what seed checks found
     load: dict | None                 # the load result at baseline (for the record)
+    host: dict = field(default_factory=dict)   # node -> hostview.node_facts (nspawn): read from outside
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, default=str))
@@ -93,6 +110,7 @@ class Baseline:
     def load_from(cls, path: Path) -> "Baseline":
         data = json.loads(path.read_text())
         data["nodes"] = {int(k): v for k, v in data["nodes"].items()}
+        data["host"] = {int(k): v for k, v in (data.get("host") or {}).items()}
         return cls(**data)
 
 
@@ -132,10 +150,40 @@ def _ms(t0: float) -> float:
 
 
 def seed_check(sb: Sandbox, deployment: Any) -> dict:
-    """The deployment's seed data (redis keys, data files) compared with its checksums."""
-    from .systems.deploy import verify_seed
-    problems = verify_seed(sb, deployment)
-    return {"ok": not problems, "problems": problems[:20], "detail": "; ".join(problems[:3])}
+    """The deployment's seed data (redis keys, data files) compared with its checksums,
+    read with the verifier's own code: redis keys over RESP from the host, files through
+    the node's root from the host (nspawn) or by the verifier's isolated toolset (libvirt),
+    never by a tool of the node (a `sha256sum` earlier on its PATH could replay the sums)."""
+    from .probe import hash_files
+    problems: list[str] = []
+    for name, r in deployment.seed.get("redis", {}).items():
+        t = deployment.targets.get(name)
+        host = t.host if t else sb.nodes[int(r["node"])].ip
+        keys = list(r["keys"])
+        try:
+            vals = resp(host, int(r["port"]), "MGET", *keys) if keys else []
+        except OSError as e:
+            problems.append(f"redis {name}: cannot read the seed keys: {e}")
+            continue
+        for k, v in zip(keys, vals):
+            if v is None:
+                problems.append(f"redis {name}: key {k} is missing")
+            elif hashlib.sha256(v).hexdigest() != r["keys"][k]:
+                problems.append(f"redis {name}: key {k} changed")
+    for node, files in deployment.seed.get("files", {}).items():
+        got = hash_files(sb, int(node), list(files))
+        for p, h in files.items():
+            if got.get(p) is None:
+                problems.append(f"node {node}: seed file {p} is missing")
+            elif got[p] != h:
+                problems.append(f"node {node}: seed file {p} changed")
+    return {"ok": not problems, "problems": problems[:20], "detail": "; ".join(problems[:3]),
+            "read_by": "host" if hostview.supported(sb) else "toolset"}
+
+
+def function_check(sb: Sandbox, deployment: Any) -> dict:
+    """The functional challenge (challenge.py): nonce requests through the entry."""
+    return run_challenge(deployment)
 
 
 def load_check(sb: Sandbox, deployment: Any) -> dict:
@@ -164,23 +212,38 @@ def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=seed_check, load_c
                            "deploy first and wait for health")
     seed = seed_check(sb, deployment) if seed_check else {}
     load = load_check(sb, deployment) if load_check else None
-    return Baseline(time.time(), nodes, health, seed, load)
+    return Baseline(time.time(), nodes, health, seed, load, host_facts(sb, targets))
+
+
+def host_facts(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, dict]:
+    """hostview.node_facts for every node (nspawn only: {} elsewhere)."""
+    if not hostview.supported(sb):
+        return {}
+    out = {}
+    for i in range(len(sb.nodes)):
+        facts = hostview.node_facts(sb, i, [t.unit for t in targets.values() if t.node == i])
+        if facts is not None:
+            out[i] = facts
+    return out
 
 
 def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_Fault] = (), *,
            seed_check=seed_check, load_check=load_check, probe_downtime: dict | None = None,
-           before: dict[int, dict] | None = None) -> Verdict:
+           before: dict[int, dict] | None = None, function_check=function_check,
+           runtime: bool = True) -> Verdict:
     """Judge the sandbox now against the baseline. `seed_check(sb, deployment)` and
     `load_check(sb, deployment)` return {"ok": bool, ...evidence}; `probe_downtime` is
     what a background probe saw during the remediation, if one ran; `before` is
     `probe_all()` taken just before the remediation, so that disruption counts only what
-    the remediation did (the fault itself may have restarted a service)."""
+    the remediation did (the fault itself may have restarted a service).
+    `function_check(sb, deployment)` is the challenge (None: skipped); `runtime=False`
+    leaves out what is read from the host (the runtime check and the faults' residue)."""
     t0 = time.monotonic()
     faults = list(faults)
     for attempt in range(2):
         try:
             return _judge(sb, deployment, baseline, faults, seed_check, load_check,
-                          probe_downtime, before, t0)
+                          probe_downtime, before, t0, function_check, runtime)
         except SandboxError as e:
             # A remediation may still be tearing things down after its playbook returned
             # (a detached `kill -9 -1`, a delayed restart of sshd): wait for the nodes to
@@ -197,7 +260,7 @@ def verify(sb: Sandbox, deployment: Any, baseline: Baseline, faults: Iterable[_F
 
 
 def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downtime, before,
-           t0) -> Verdict:
+           t0, function_check=None, runtime=False) -> Verdict:
     targets: dict[str, ServiceTarget] = deployment.targets
     nodes = probe_all(sb, targets)
     if any(facts is None for facts in nodes.values()):
@@ -214,10 +277,15 @@ def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downt
         return Verdict(False, False, (), {}, round(time.monotonic() - t0, 3),
                        reason=f"nodes {dead} did not answer: cannot judge")
     checks = [
-        _check_faults(sb, faults),
+        _check_faults(sb, faults, with_residue=runtime),
         _check_services(targets, nodes, baseline),
         _check_integrity(targets, nodes, baseline),
     ]
+    if runtime and baseline.host:
+        checks.append(_check_runtime(sb, targets, baseline, faults))
+    if function_check:
+        res = function_check(sb, deployment)
+        checks.append(Check("function", bool(res.get("ok")), res.get("detail", ""), res))
     if seed_check:
         res = seed_check(sb, deployment)
         checks.append(Check("seed_data", bool(res.get("ok")),
@@ -235,19 +303,40 @@ def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downt
 
 # ---- the checks ---------------------------------------------------------------------------
 
-def _check_faults(sb: Sandbox, faults: Iterable[_Fault]) -> Check:
-    active = {}
+def _check_faults(sb: Sandbox, faults: Iterable[_Fault], with_residue: bool = True) -> Check:
+    """Gone means gone: the node's own view (`is_active`) and, read from outside where the
+    backend allows, what is left of the fault (`residue`: its processes by identity, its
+    stray file by inode, a mask over it). Either one keeps the fault active."""
+    active, residue = {}, {}
     for f in faults:
         try:
             active[f.name] = bool(f.is_active(sb))
+            left = f.residue(sb) if with_residue and hasattr(f, "residue") else {}
         except SandboxError:
             raise   # the node is not answering: judge again once it does
         except Exception as e:  # a ground truth we cannot read is not a fix
             active[f.name] = f"unknown: {e}"
+            continue
+        if left:
+            residue[f.name] = left
+            active[f.name] = True
     still = [n for n, a in active.items() if a is not False]
-    return Check("fault_gone", not still,
-                 "the injected fault is gone" if not still else f"still active: {', '.join(still)}",
-                 {"active": active})
+    detail = "the injected fault is gone"
+    if still:
+        detail = f"still active: {', '.join(still)}"
+        for n in still:
+            if n in residue:
+                detail += f" ({_residue_line(residue[n])})"
+    return Check("fault_gone", not still, detail, {"active": active, "residue": residue})
+
+
+def _residue_line(r: dict) -> str:
+    if "processes" in r:
+        states = sorted({p["state"] for p in r["processes"]})
+        return f"{r['count']} of its processes still exist (state {','.join(states)})"
+    if "stray_file" in r:
+        return f"the stray file is still there at {r['stray_file']}" + (f"; {r['mask']}" if r.get("mask") else "")
+    return json.dumps(r)[:160]
 
 
 def _check_services(targets: dict[str, ServiceTarget], nodes: dict[int, dict], baseline: Baseline) -> Check:
@@ -301,6 +390,78 @@ def _check_integrity(targets: dict[str, ServiceTarget], nodes: dict[int, dict], 
             evidence[name] = diffs
     return Check("integrity", not problems, "nothing replaced, no reboot, sshd running" if not problems
                  else "; ".join(problems), evidence)
+
+
+_HOOK_WORDS = ("sitecustomize", "usercustomize", ".pth", "ld.so.preload", "/etc/environment", ".bashrc",
+               ".profile", "/bin/", "/sbin/", ".service.d/", "/systemd/")
+
+
+def _check_runtime(sb: Sandbox, targets: dict[str, ServiceTarget], baseline: Baseline,
+                   faults: Iterable[_Fault]) -> Check:
+    """The runtime environment as at baseline, read from the host: each service's main
+    process has the same environment, executable, code and mapped libraries (no preload,
+    no PYTHON* variable, no sitecustomize on its path), and the node changed no file
+    outside its data and logs (interpreter hooks, drop-ins, tools on PATH, libraries)
+    except what the injected fault itself wrote (its footprint, docs/verdict.md)."""
+    allowed = tuple(p for f in faults for p in _footprints(f))
+    now = host_facts(sb, targets)
+    problems, evidence = [], {}
+    for i, base in baseline.host.items():
+        cur = now.get(i)
+        if cur is None:
+            problems.append(f"node n{i}: cannot be read from the host")
+            continue
+        for unit, then in base["services"].items():
+            diffs = _process_diffs(then, cur["services"].get(unit, {}))
+            if diffs:
+                evidence[unit] = diffs
+                problems.append(f"{unit}: {', '.join(sorted(diffs))} changed")
+        changed = _changed(base["upper"], cur["upper"], allowed)
+        changed.update(_changed(base["run_dropins"], cur["run_dropins"], allowed))
+        if changed:
+            hooks = sorted(p for p in changed if any(w in p for w in _HOOK_WORDS))
+            evidence[f"n{i}_files"] = dict(sorted(changed.items())[:40])
+            problems.append(f"node n{i}: {len(changed)} file(s) changed outside the data dirs"
+                            + (f", among them {', '.join(hooks[:3])}" if hooks else
+                               f": {', '.join(sorted(changed)[:3])}"))
+    return Check("runtime", not problems, "the runtime environment is as at baseline" if not problems
+                 else "; ".join(problems[:4]), evidence)
+
+
+def _footprints(f) -> tuple[str, ...]:
+    parts = getattr(f, "parts", None)
+    if parts:
+        return tuple(p for part in parts for p in _footprints(part))
+    return tuple(f.footprint()) if hasattr(f, "footprint") else ()
+
+
+def _process_diffs(then: dict, now: dict) -> dict:
+    if not then.get("running") or not now.get("running"):
+        return {}   # not running: the services check says so
+    out = {}
+    for k in ("exe", "argv", "code_sha"):
+        if then.get(k) != now.get(k):
+            out[k] = {"baseline": then.get(k), "now": now.get(k)}
+    env_then, env_now = then.get("environ", {}), now.get("environ", {})
+    env = {k: {"baseline": env_then.get(k), "now": env_now.get(k)}
+           for k in sorted(set(env_then) | set(env_now)) if env_then.get(k) != env_now.get(k)}
+    if env:
+        out["environ"] = env
+    new_maps = sorted(set(now.get("maps", [])) - set(then.get("maps", [])))
+    if new_maps:
+        out["maps"] = {"new": new_maps[:20]}
+    return out
+
+
+def _changed(then: dict[str, str], now: dict[str, str], allowed: tuple[str, ...]) -> dict:
+    out = {}
+    for path in set(then) | set(now):
+        if then.get(path) == now.get(path):
+            continue
+        if any(path == a or (a.endswith("/") and path.startswith(a)) for a in allowed):
+            continue
+        out[path] = {"baseline": then.get(path, "absent"), "now": now.get(path, "absent")}
+    return out
 
 
 def _disruption(targets: dict[str, ServiceTarget], nodes: dict[int, dict], before: dict[int, dict],

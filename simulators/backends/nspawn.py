@@ -207,6 +207,17 @@ def _remove_cgroups(machine: str) -> None:
                 pass
 
 
+def fresh_cgroups(machine: str) -> list[Path]:
+    """Empty cgroups `remed-<machine>` in every hierarchy (old ones removed first); their
+    `cgroup.procs` files, for the process to join between fork and exec."""
+    _remove_cgroups(machine)
+    procs = []
+    for cg in _cgroup_dirs(machine):
+        cg.mkdir(exist_ok=True)
+        procs.append(cg / "cgroup.procs")
+    return procs
+
+
 # ---- limits -----------------------------------------------------------------------------
 
 CFS_PERIOD_US = 100_000
@@ -704,10 +715,7 @@ class NspawnSandbox(Sandbox):
         procs_files: list[Path] = []
         if not _systemd_is_init():
             cmd.append("--keep-unit")
-            _remove_cgroups(machine)
-            for cg in _cgroup_dirs(machine):
-                cg.mkdir(exist_ok=True)
-                procs_files.append(cg / "cgroup.procs")
+            procs_files = fresh_cgroups(machine)
             # Set before anything joins: nspawn and the node start inside the limits.
             _apply_limits(machine, lim)
 

@@ -79,6 +79,9 @@ class _DropInFault(_Observed):
         self.sh(sb, f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])} && cat > {shlex.quote(path)} && "
                     + _restart(self.target.unit), input=body)
 
+    def footprint(self) -> tuple[str, ...]:
+        return (self.params["_dropin"],) if self.params.get("_dropin") else ()
+
     def _remove_dropin(self, sb) -> None:
         path = self.params.get("_dropin")
         if path:
@@ -297,6 +300,10 @@ class PortTaken(_Observed):
     summary = "another process holds the service's port; the service's restart fails (address in use)"
     defaults = {}
     sections = ("unit", "health", "listen", "journal")
+    spawns = True
+
+    def residue(self, sb) -> dict:
+        return self.process_residue(sb)
 
     def _inject(self, sb) -> None:
         t = self.target
@@ -355,6 +362,9 @@ class BadRelease(_DropInFault):
     @property
     def _release_dir(self) -> str:
         return f"/opt/remed/releases/{self.target.service}"
+
+    def footprint(self) -> tuple[str, ...]:
+        return super().footprint() + (self._release_dir + "/", "/opt/remed/releases/")
 
     def _check(self, sb) -> None:
         v = self.params["variant"]

@@ -226,6 +226,18 @@ class Fault:
     def describe(self, sb) -> dict:
         raise NotImplementedError
 
+    # What a fault leaves that the verifier must not count as a change by the remediation
+    # (its drop-in, its tool, its release dir): node paths, a trailing '/' for a tree.
+    def footprint(self) -> tuple[str, ...]:
+        return ()
+
+    def residue(self, sb) -> dict:
+        """Evidence, read from outside the node where the backend allows, that the fault is
+        still there in a form `is_active` (which asks the node) may miss: processes it started
+        that are stopped, renamed or stripped of their tag, a stray file moved aside, a mask
+        over the symptom. Empty: nothing left. See docs/verdict.md for each fault type."""
+        return {}
+
     # ---- public API ---------------------------------------------------------------------
     @classmethod
     def available(cls, backend: str, report=None) -> tuple[bool, str]:
@@ -259,6 +271,7 @@ class Fault:
         self.injected_at = time.time()
         try:
             self._inject(sb)
+            self._record_identity(sb)
         except BaseException:
             try:
                 self._recover(sb)
@@ -344,6 +357,60 @@ class Fault:
 
     def kill_tagged(self, sb) -> None:
         self.sh(sb, kill_tagged_script(self.id), check=False, timeout=30)
+        for p in self._recorded_alive(sb):   # what lost its tag dies too
+            try:
+                os.kill(p.pid, 9)
+                os.kill(p.pid, 18)
+            except OSError:
+                pass
+
+    # ---- identity: the processes a fault started, recorded from outside ----------------
+    spawns: ClassVar[bool] = False     # starts processes of its own (tagged)
+
+    def _record_identity(self, sb) -> None:
+        """Record the fault's processes by what they are (host pid, start time, executable,
+        cgroup), read from the host: later renames, stops or an erased tag do not change it.
+        Waits until the tree stops growing (stress-ng forks its workers after it starts)."""
+        from .. import hostview
+        if not self.spawns or not hostview.supported(sb):
+            return
+        seen: dict = {}
+        deadline = time.monotonic() + 5
+        stable = 0
+        while time.monotonic() < deadline and stable < 2:
+            procs = hostview.processes(sb, self.node)
+            found = hostview.tagged(procs, f"{TAG}={self.id}")
+            found += hostview.descendants(procs, {p.pid for p in found})
+            new = {(p.pid, p.start): p for p in found if (p.pid, p.start) not in seen}
+            seen.update(new)
+            stable = stable + 1 if seen and not new else 0
+            time.sleep(0.3)
+        self.params["_procs"] = [{"pid": p.pid, "start": p.start, "exe": p.exe, "cgroup": p.cgroup,
+                                  "ns_pid": p.ns_pid} for p in seen.values()]
+
+    def _recorded_alive(self, sb) -> list:
+        from .. import hostview
+        if not self.params.get("_procs") or not hostview.supported(sb):
+            return []
+        alive = hostview.still_alive(self.params["_procs"])
+        procs = hostview.processes(sb, self.node)
+        # Children they fork later (a respawned worker) belong to the fault as well.
+        kids = hostview.descendants(procs, {p.pid for p in alive})
+        return alive + [k for k in kids if k.pid not in {p.pid for p in alive}]
+
+    def process_residue(self, sb) -> dict:
+        """The fault's recorded processes that still exist (stopped, renamed or untagged
+        count: gone means gone), and any live process still carrying its tag."""
+        from .. import hostview
+        if not hostview.supported(sb):
+            return {}
+        left = self._recorded_alive(sb)
+        procs = hostview.processes(sb, self.node)
+        left += [p for p in hostview.tagged(procs, f"{TAG}={self.id}") if p.pid not in {q.pid for q in left}]
+        if not left:
+            return {}
+        return {"processes": [{"pid": p.pid, "ns_pid": p.ns_pid, "state": p.state, "exe": p.exe,
+                               "cgroup": p.cgroup} for p in left[:20]], "count": len(left)}
 
 
 def _coerce_like(default: Any, value: Any, what: str) -> Any:

@@ -104,6 +104,7 @@ class Compound(Fault):
                 p.injected_at = self.injected_at
                 p._inject(sb)
                 done.append(p)
+                p._record_identity(sb)
         except BaseException:
             for p in reversed(done):
                 try:
@@ -115,6 +116,12 @@ class Compound(Fault):
 
     def is_active(self, sb) -> bool:
         return any(p.is_active(sb) for p in self.parts)
+
+    def residue(self, sb) -> dict:
+        return {p.name: r for p in self.parts if (r := p.residue(sb))}
+
+    def footprint(self) -> tuple[str, ...]:
+        return tuple(f for p in self.parts for f in p.footprint())
 
     def active_parts(self, sb) -> dict[str, bool]:
         return {p.name: p.is_active(sb) for p in self.parts}

@@ -163,8 +163,14 @@ class NetworkLoss(_Netem):
     def is_active(self, sb) -> bool:
         if self.params["mechanism"] == "netem":
             return self._netem_active(sb)
-        res = self.sh(sb, f"nft list table inet {self._nft_table} 2>/dev/null", check=False)
-        return "numgen random" in res.stdout and " drop" in res.stdout
+        # Any rule, in our table or one it was copied or renamed into, that still drops the
+        # service's traffic at random: the fault is what the rule does, not its table's name.
+        res = self.sh(sb, "nft list ruleset 2>/dev/null", check=False)
+        t = self.target
+        marks = [f"sport {t.port} "] + [f"ip daddr {self.targets[d].host} " for d in t.dependencies
+                                         if d in self.targets]
+        return any("numgen random" in line and line.strip().endswith("drop") and any(m in line + " " for m in marks)
+                   for line in res.stdout.splitlines())
 
     def _recover(self, sb) -> None:
         if self.params["mechanism"] == "netem":
