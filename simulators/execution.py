@@ -77,6 +77,7 @@ class ExecutionOutcome:
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage reached
     controller: dict = field(default_factory=dict)   # the jail: start time, whether it was killed
     leftovers: list[dict] = field(default_factory=list)   # processes the playbook left, ended
+    limits_hit: dict[str, dict] = field(default_factory=dict)   # node -> limits it ran into meanwhile
 
     @property
     def executed_ok(self) -> bool:
@@ -90,7 +91,7 @@ class ExecutionOutcome:
                 "gate": self.gate.to_dict() if self.gate is not None else None,
                 "run": _run_dict(self.run), "rerun": _run_dict(self.rerun),
                 "timings": dict(self.timings), "controller": dict(self.controller),
-                "leftovers": list(self.leftovers)}
+                "leftovers": list(self.leftovers), "limits_hit": dict(self.limits_hit)}
 
     def summary(self) -> str:
         """What happened, for a person or a model deciding the next attempt: where it
@@ -270,15 +271,46 @@ def run_pipeline(text: str, *, sandbox=None, workdir: Path, timeout_s: float = 1
                                                "jailed controller of the sandbox it targets")
     from .leftovers import end_leftovers, snapshot
     before = snapshot(sandbox) if execute else None
+    limits_before = _limit_events(sandbox)
     job = JailJob(timeout_s=timeout_s, execute=execute, rerun=check_idempotence, extravars=dict(extravars or {}))
     jail = run_jailed(sandbox, found, workdir, job, controller or ControllerConfig())
     if before is not None:
         out.leftovers = [asdict(x) for x in end_leftovers(sandbox, before)]
+    out.limits_hit = _limits_hit(limits_before, _limit_events(sandbox))
     out.controller = {"start_s": jail.start_s, "total_s": jail.total_s, "killed": jail.killed}
     _stage_timings(out, jail)
     if jail.error:
         return stop("syntax", "InternalError", jail.error)
-    return _judge_jail_run(out, jail, workdir, timeout_s, execute)
+    out = _judge_jail_run(out, jail, workdir, timeout_s, execute)
+    if not out.ok and out.limits_hit:
+        # The playbook exhausted a node's limits: its failure, and the reason it failed.
+        out.reason = _one_line(out.reason + " (limits hit: " + "; ".join(
+            f"{n}: {', '.join(f'{k} {v}' for k, v in hit.items())}" for n, hit in out.limits_hit.items()) + ")", 600)
+    return out
+
+
+def _limit_events(sandbox) -> dict[str, dict]:
+    """Each node's limit counters (nspawn), or nothing where the backend has none."""
+    read = getattr(sandbox, "limit_events", None)
+    if read is None:
+        return {}
+    try:
+        return {n.name: read(n.index) for n in sandbox.nodes}
+    except OSError:
+        return {}
+
+
+def _limits_hit(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    hit = {}
+    for node, now in after.items():
+        was = before.get(node, {})
+        d = {k: v - was.get(k, 0) for k, v in now.items() if isinstance(v, int) and not isinstance(v, bool)
+             and v > was.get(k, 0)}
+        if now.get("disk_full") and not was.get("disk_full"):
+            d["disk_full"] = True
+        if d:
+            hit[node] = d
+    return hit
 
 
 def _stage_timings(out: ExecutionOutcome, jail: JailRun) -> None:

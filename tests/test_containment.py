@@ -303,3 +303,13 @@ def test_without_a_sandbox_nothing_reaches_ansible(tmp_path):
                        workdir=tmp_path, inventory_hosts=["n0"])
     assert (out.stage, out.error_class) == ("syntax", "InternalError")
     assert "jailed controller" in out.reason
+
+
+def test_a_fork_flood_fails_with_the_limit_it_hit_and_leaves_nothing(sb, tmp_path):
+    text = ("```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n"
+            "    - shell: 'i=0; while [ $i -lt 3000 ]; do sleep 2$i & i=$((i+1)); done; wait'\n```\n")
+    out = run_pipeline(text, sandbox=sb, workdir=tmp_path, timeout_s=120)
+    assert not out.ok
+    assert out.limits_hit.get("n0", {}).get("pids", 0) > 0, out.limits_hit
+    assert "limits hit" in out.reason and "pids" in out.reason
+    assert int(sb.exec("pgrep -c -x sleep || true").stdout.strip() or 0) == 0
