@@ -327,12 +327,11 @@ def _runner_result(jdir: Path, ident: str, job: JailJob, killed: bool) -> Playbo
         status = "timeout"
     if status not in ("successful", "failed", "timeout", "canceled"):
         status = "failed" if files else "timeout" if killed else "failed"
-    started = next((e.get("created") for e in events), None)
     return PlaybookRun(status=status, rc=int(rc) if rc.lstrip("-").isdigit() else None,
                        duration_s=_duration(events), stdout=_read_text(adir / "stdout", MAX_TEXT_BYTES),
                        events=tuple(events), stats=host_stats(tuple(events)), playbook="playbook.yaml",
-                       artifact_dir=str(adir), error="" if files or killed else
-                       f"ansible-runner left no events (status {status or 'none'})" if not started else "")
+                       artifact_dir=str(adir),
+                       error="" if files or killed else f"ansible-runner left no events (status {status or 'none'})")
 
 
 def _event_order(p: Path):
