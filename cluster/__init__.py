@@ -6,17 +6,19 @@ experience collection into append-only shards.
 
     with Fleet(FleetConfig()).start() as fleet:          # a local Ray; address="auto" joins a cluster
         for rec in fleet.run(jobs): ...
-        records = fleet.evaluate(scenario, playbooks)    # G playbooks, one starting state
+        records = fleet.evaluate(scenario, completions)  # G completions, one starting state
+        judged = Judge(fleet)(scenarios, completions)    # one Judgement (reward, blame) each
 
-See fleet.py (placement, scheduling, fault tolerance), host.py (the actor) and
-experience.py (`remed fleet collect`).
+See fleet.py (placement, scheduling, fault tolerance), host.py (the actor),
+experience.py (`remed fleet collect`) and judge.py (completions judged by execution).
 """
 
 from .errors import FleetError, HostStartFailed, NoSandboxHosts, RayUnavailable
 from .experience import CollectConfig, collect, plan, read_records
 from .fleet import RESOURCE, Fleet, FleetConfig
 from .host import HostConfig, Job, SandboxHost, plan_slots
+from .judge import Judge, Judgement, reward_of
 
-__all__ = ["CollectConfig", "Fleet", "FleetConfig", "FleetError", "HostConfig", "HostStartFailed", "Job",
-           "NoSandboxHosts", "RESOURCE", "RayUnavailable", "SandboxHost", "collect", "plan", "plan_slots",
-           "read_records"]
+__all__ = ["CollectConfig", "Fleet", "FleetConfig", "FleetError", "HostConfig", "HostStartFailed", "Job", "Judge",
+           "Judgement", "NoSandboxHosts", "RESOURCE", "RayUnavailable", "SandboxHost", "collect", "plan",
+           "plan_slots", "read_records", "reward_of"]

@@ -4,7 +4,7 @@ stream of verified episodes.
     with Fleet(FleetConfig(host=HostConfig(systems=("simple-micro",)))).start() as fleet:
         for rec in fleet.run(jobs):                  # records as they finish, in any order
             ...
-        verdicts = fleet.evaluate(scenario, playbooks)   # G playbooks, same starting state
+        records = fleet.evaluate(scenario, completions)  # G completions, same starting state
 
 Placement: every node that advertises the custom resource `sandbox_host` (`ray start
 --resources='{"sandbox_host": 1}'`) gets exactly one `SandboxHost` actor, pinned to that
@@ -337,12 +337,15 @@ class Fleet:
         self._on_ready(h, info)
         emit("host", f"host {h.name}: back with {h.slots} slot(s) (restart {h.restarts})")
 
-    def evaluate(self, scenario: Scenario, playbooks: list[str], *, policy: str = "sampled") -> list[dict]:
-        """Run G playbooks against G sandboxes brought to the same starting state (the same
-        deployment, fault, target and seed); return the G records in the playbooks' order.
-        The group API of reinforcement learning: one verdict per sampled completion."""
-        jobs = [Job(id=f"{scenario.id}-g{i}", scenario=scenario, policy=policy, playbook=p)
-                for i, p in enumerate(playbooks)]
+    def evaluate(self, scenario: Scenario, completions: list[str], *, policy: str = "sampled",
+                 completion_ids: list[list[int]] | None = None) -> list[dict]:
+        """Run G completions against G sandboxes brought to the same starting state (the same
+        deployment, fault, target and seed); return the G records in the completions' order.
+        The group API of reinforcement learning (judge.Judge puts rewards on top)."""
+        ids = completion_ids or [None] * len(completions)
+        jobs = [Job(id=f"{scenario.id}-g{i}", scenario=scenario, policy=policy, completion=c,
+                    completion_ids=tuple(t) if t is not None else None)
+                for i, (c, t) in enumerate(zip(completions, ids, strict=True))]
         got = {r["id"]: r for r in self.run(jobs)}
         return [got[j.id] for j in jobs]
 

@@ -66,14 +66,16 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One episode to run: a scenario and who remediates it. `playbook` replaces the
-    policy's answer (group evaluation of sampled playbooks); `id` names the record."""
+    """One episode to run: a scenario and who remediates it. A `completion` (a model's
+    answer sampled elsewhere, with its token ids if known) is judged as the answer of
+    `policy`, which then only names it; `id` names the record."""
 
     id: str
     scenario: Scenario
     policy: str = "runbook"
     policy_options: dict = field(default_factory=dict)
-    playbook: str | None = None
+    completion: str | None = None
+    completion_ids: tuple[int, ...] | None = None
     requeues: int = 0                    # times a lost host gave it back
 
 
@@ -98,18 +100,6 @@ def plan_slots(config: HostConfig, cores: int | None = None, memory_mib: int | N
     n = max(1, min(config.max_slots, by_cpu, by_mem))
     return n, (f"{n} = min(max_slots {config.max_slots}, {cores} cores / {config.cores_per_slot:g}, "
                f"{memory_mib} MiB available / {config.memory_per_slot_mib})")
-
-
-class _FixedPlaybook:
-    """Stands for the policy of a job that brings its own playbook (the record names it)."""
-
-    max_trials = 1
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def generate(self, ctx, feedback):   # never called: run_episode uses the fixed playbook
-        raise RuntimeError("a fixed-playbook job does not generate")
 
 
 class _Metrics:
@@ -265,7 +255,7 @@ class SandboxHost:
             policy = self._policy(i, job)
             reps = slot.replacements
             rec = run_case(slot, job.scenario, policy, out_dir=self.out_dir, config=self.config.episode,
-                           fixed_playbook=job.playbook, episode_id=job.id)
+                           episode_id=job.id)
             if slot.replacements > reps:
                 self._replace_s.append(slot.up_s)
                 self._metrics.replaced()
@@ -355,8 +345,10 @@ class SandboxHost:
             pass   # left down: run_case tries once more and records why it could not
 
     def _policy(self, i: int, job: Job):
-        if job.playbook is not None:
-            return _FixedPlaybook(job.policy or "fixed")
+        if job.completion is not None:
+            from e2e_reme.simulators.policies import FixedPolicy
+            return FixedPolicy(job.completion, name=job.policy or "fixed",
+                               completion_ids=list(job.completion_ids) if job.completion_ids is not None else None)
         import json
         from e2e_reme.simulators.policies import make_policy
         key = (i, job.policy, json.dumps(job.policy_options, sort_keys=True, default=str))

@@ -153,12 +153,10 @@ def _settle(deployment: Deployment, timeout_s: float) -> float:
 
 def run_episode(sb: Sandbox, deployment: Deployment, scenario: Scenario, policy: Policy, *,
                 out_dir: Path, config: EpisodeConfig = EpisodeConfig(),
-                progress: Callable[[str], None] | None = None,
-                fixed_playbook: str | None = None, episode_id: str | None = None) -> EpisodeRecord:
-    """Run one episode and write its directory under `out_dir`. `fixed_playbook` replaces the
-    policy's answer (the fleet's group evaluation of sampled playbooks); the policy is then
-    only named in the record. `episode_id` (default: the scenario's id) names the record and
-    its directory, for runs of one scenario several times (a group of sampled playbooks)."""
+                progress: Callable[[str], None] | None = None, episode_id: str | None = None) -> EpisodeRecord:
+    """Run one episode and write its directory under `out_dir`. `episode_id` (default: the
+    scenario's id) names the record and its directory, for runs of one scenario several
+    times (a group of sampled completions, each a policies.FixedPolicy)."""
     episode_id = episode_id or scenario.id
     edir = Path(out_dir) / episode_id
     edir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +165,7 @@ def run_episode(sb: Sandbox, deployment: Deployment, scenario: Scenario, policy:
     clock = _Clock(rec.timings)
     step = progress or (lambda s: None)
     try:
-        _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, fixed_playbook)
+        _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step)
     except SandboxError as e:
         rec.outcome, rec.error_class, rec.reason = "infra_failure", type(e).__name__, str(e)
     except KeyboardInterrupt:
@@ -205,7 +203,7 @@ def _cleanup(sb: Sandbox, rec: EpisodeRecord) -> None:
         rec.reason = rec.reason or f"cleanup needed a reset: {e}"
 
 
-def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, fixed_playbook) -> None:
+def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step) -> None:
     rng = random.Random(f"{scenario.seed}:{scenario.index}:{scenario.fault}:{scenario.target}")
 
     step("reset")
@@ -267,7 +265,7 @@ def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, f
     ctx = PolicyContext(report=report, inventory_hosts=hosts, system=deployment.system, seed=scenario.seed,
                         probe=probe, episode_id=scenario.id)
     feedback: list[TrialFeedback] = []
-    max_trials = 1 if fixed_playbook is not None else max(1, int(getattr(policy, "max_trials", 1)))
+    max_trials = max(1, int(getattr(policy, "max_trials", 1)))
     outcome: ExecutionOutcome | None = None
     for trial in range(1, max_trials + 1):
         step(f"generate (trial {trial})")
@@ -275,17 +273,13 @@ def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, f
         tdir = edir / f"trial-{trial}"
         tdir.mkdir(exist_ok=True)
         with clock("generate"):
-            if fixed_playbook is not None:
-                from .policies.base import Generation
-                gen = Generation(text=fixed_playbook, model="fixed")
-            else:
-                try:
-                    gen = policy.generate(ctx, feedback)
-                except Exception as e:   # a model server that fails is the policy's failure, recorded
-                    rec.trials.append({"trial": trial, "error": f"{type(e).__name__}: {e}"})
-                    rec.error_class, rec.reason = type(e).__name__, f"the policy failed: {e}"
-                    (tdir / "error.txt").write_text(traceback.format_exc())
-                    break
+            try:
+                gen = policy.generate(ctx, feedback)
+            except Exception as e:   # a model server that fails is the policy's failure, recorded
+                rec.trials.append({"trial": trial, "error": f"{type(e).__name__}: {e}"})
+                rec.error_class, rec.reason = type(e).__name__, f"the policy failed: {e}"
+                (tdir / "error.txt").write_text(traceback.format_exc())
+                break
         for k, v in (("prompt", gen.prompt_tokens), ("completion", gen.completion_tokens)):
             rec.tokens[k] = None if (v is None or rec.tokens[k] is None) else rec.tokens[k] + v
         (tdir / "output.txt").write_text(gen.text)
@@ -338,6 +332,9 @@ def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step, f
             rec.reason = f"verified although the pipeline stopped at {rec.stage}: {rec.reason}"
         else:
             rec.stage, rec.reason = "done", ""
+    elif outcome is not None and outcome.error_class == "InternalError":
+        # Our pipeline could not run the answer (execution.py): the policy was never judged.
+        rec.outcome = "infra_failure"
     else:
         rec.outcome = "failure"
         if outcome is not None and outcome.executed_ok:
@@ -401,8 +398,7 @@ class Slot:
 
 def run_case(slot: Slot, scenario: Scenario, policy: Policy, *, out_dir: Path,
              config: EpisodeConfig = EpisodeConfig(), progress: Callable[[str], None] | None = None,
-             fixed_playbook: str | None = None, episode_id: str | None = None,
-             on_replace: Callable[[str], None] | None = None) -> EpisodeRecord:
+             episode_id: str | None = None, on_replace: Callable[[str], None] | None = None) -> EpisodeRecord:
     """One case on a slot. An infrastructure failure (the sandbox stopped answering)
     replaces the sandbox and runs the case once more; a second one is recorded as it is.
     A sandbox that cannot even be replaced leaves the slot down (`slot.ready` False) and
@@ -421,7 +417,7 @@ def run_case(slot: Slot, scenario: Scenario, policy: Policy, *, out_dir: Path,
                 rec.reason = f"the sandbox could not be replaced: {e}"
                 return rec
         rec = run_episode(slot.sb, slot.dep, scenario, policy, out_dir=out_dir, config=config,
-                          progress=progress, fixed_playbook=fixed_playbook, episode_id=episode_id)
+                          progress=progress, episode_id=episode_id)
         rec.attempts = attempt
         if rec.outcome != "infra_failure" or attempt == 2:
             return rec

@@ -146,7 +146,123 @@ print(json.dumps(out))
 '''
 
 
-TOOLSET_SHA256 = hashlib.sha256(_GUEST_SCRIPT.encode()).hexdigest()
+# Runs in a libvirt guest, where the host cannot look in: the facts hostview reads from the
+# host on nspawn, in the same shape, for the verifier's `runtime` check. Per unit its main
+# process's executable, command line, code hash, environment and executable mappings; the
+# node's files (content hashes where interpreter hooks, drop-ins, tools and configuration
+# live; elsewhere a stat signature with ctime and inode, which a write cannot keep); the
+# runtime drop-ins under /run. Input: JSON {units, volatile, volatile_env, content,
+# run_dirs, hash_limit}.
+_RUNTIME_SCRIPT = r'''
+import hashlib, json, os, stat, subprocess, sys
+
+want = json.load(sys.stdin)
+SYSTEMCTL = next((p for p in ("/usr/bin/systemctl", "/bin/systemctl") if os.path.exists(p)), "/usr/bin/systemctl")
+LIMIT = want["hash_limit"]
+
+def sha(path, limit=LIMIT):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        h, left = hashlib.sha256(), limit
+        while left > 0:
+            b = os.read(fd, min(1 << 20, left))
+            if not b:
+                break
+            h.update(b)
+            left -= len(b)
+        return h.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+def main_pid(unit):
+    try:
+        out = subprocess.run([SYSTEMCTL, "show", "-pMainPID", "--value", unit], capture_output=True,
+                             text=True, timeout=10, env={"PATH": "/nonexistent"}).stdout
+        return int(out.strip() or 0)
+    except Exception:
+        return 0
+
+def service(unit):
+    pid = main_pid(unit)
+    if not pid:
+        return {"running": False}
+    try:
+        exe = os.readlink("/proc/%d/exe" % pid)
+        argv = [a.decode(errors="replace") for a in open("/proc/%d/cmdline" % pid, "rb").read().split(b"\0") if a]
+        raw = open("/proc/%d/environ" % pid, "rb").read()
+        maps = set()
+        for line in open("/proc/%d/maps" % pid):
+            parts = line.split(None, 5)
+            if len(parts) == 6 and "x" in parts[1] and parts[5].startswith("/"):
+                maps.add(parts[5].strip())
+    except OSError:
+        return {"running": False}
+    env = {}
+    for item in raw.split(b"\0"):
+        if b"=" in item:
+            k, v = item.split(b"=", 1)
+            if k.decode(errors="replace") not in want["volatile_env"]:
+                env[k.decode(errors="replace")] = v.decode(errors="replace")
+    code = next((a for a in argv[1:] if a.endswith(".py")), None)
+    return {"running": True, "pid": pid, "ns_pid": pid, "exe": exe, "argv": argv,
+            "code_sha": sha(code) if code else None, "environ": dict(sorted(env.items())),
+            "maps": sorted(maps)}
+
+def describe(path, rel, st):
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return "l:" + os.readlink(path)
+        except OSError:
+            return "gone"
+    if stat.S_ISREG(st.st_mode):
+        mode = "%o" % stat.S_IMODE(st.st_mode)
+        if rel.startswith(tuple(want["content"])) and st.st_size <= LIMIT:
+            return "f:%s:%s" % (sha(path), mode)
+        return "f:size=%d,mtime=%d,ctime=%d,ino=%d:%s" % (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
+    return "o:%o" % st.st_mode
+
+files, root_dev = {}, os.lstat("/").st_dev
+volatile = tuple(want["volatile"])
+for dirpath, dirs, names in os.walk("/"):
+    rel_dir = dirpath.lstrip("/") + "/" if dirpath != "/" else ""
+    keep = []
+    for d in dirs:
+        full, rel = os.path.join(dirpath, d), rel_dir + d
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            files["/" + rel] = describe(full, rel, st)
+        elif st.st_dev == root_dev and not (rel + "/").startswith(volatile):
+            keep.append(d)     # other filesystems (/proc, /sys, /dev, /run, tmpfs) are not the node's files
+    dirs[:] = keep
+    for n in names:
+        full, rel = os.path.join(dirpath, n), rel_dir + n
+        if rel.startswith(volatile):
+            continue
+        try:
+            files["/" + rel] = describe(full, rel, os.lstat(full))
+        except OSError:
+            pass
+
+dropins = {}
+for top in want["run_dirs"]:
+    for dirpath, dirs, names in os.walk(top):
+        for n in names:
+            if dirpath == top and not n.endswith(".conf"):
+                continue
+            dropins[os.path.join(dirpath, n)] = sha(os.path.join(dirpath, n), 65536) or hashlib.sha256(b"").hexdigest()
+
+print(json.dumps({"services": {u: service(u) for u in want["units"]}, "upper": files, "run_dropins": dropins}))
+'''
+
+TOOLSET_SHA256 = hashlib.sha256((_GUEST_SCRIPT + _RUNTIME_SCRIPT).encode()).hexdigest()
 PYTHON = "/usr/bin/python3"
 
 
@@ -241,6 +357,30 @@ def hash_files(sb: Sandbox, node: int, paths: list[str]) -> dict[str, str | None
         return json.loads(res[1])
     except ValueError:
         return {}
+
+
+# Where the guest's runtime facts hash content: interpreter hooks, drop-ins, tools on PATH,
+# configuration, the services' code. The rest of the tree (/usr/lib, /usr/share) is judged
+# by stat signature: hashing it on an emulated CPU would cost minutes.
+CONTENT_TREES = ("etc/", "usr/local/", "usr/bin/", "usr/sbin/", "usr/lib/python3/", "usr/lib/python3.11/",
+                 "usr/lib/systemd/", "opt/", "srv/", "root/", "home/", "var/lib/")
+# Files a libvirt guest itself rewrites in normal operation (its DHCP client).
+GUEST_VOLATILE = ("etc/resolv.conf",)
+
+
+def runtime_facts(sb: Sandbox, node: int, units: list[str], timeout: float = 120) -> dict | None:
+    """hostview.node_facts for a node the host cannot look into (libvirt), read by the
+    verifier's toolset; None if the node does not answer."""
+    from .hostview import HASH_LIMIT, RUN_DROPIN_DIRS, VOLATILE_ENV, VOLATILE_PATHS
+    want = {"units": units, "volatile": list(VOLATILE_PATHS + GUEST_VOLATILE), "volatile_env": sorted(VOLATILE_ENV),
+            "content": list(CONTENT_TREES), "run_dirs": list(RUN_DROPIN_DIRS), "hash_limit": HASH_LIMIT}
+    res = toolset_exec(sb, node, _RUNTIME_SCRIPT, json.dumps(want), timeout)
+    if res is None or res[0] != 0:
+        return None
+    try:
+        return json.loads(res[1])
+    except ValueError:
+        return None
 
 
 def probe_all(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, dict | None]:

@@ -10,10 +10,11 @@ a remediation a verdict is a success only if ALL of these hold, each with its ev
     integrity       nothing was replaced or bent: the same executable, command line, code
                     and (parsed) configuration as at baseline, the listening socket owned
                     by the unit's own process; no node rebooted; sshd running
-    runtime         the runtime environment as at baseline, read from the host (nspawn): each
-                    service's environment, executable, code and mapped libraries, and no file
-                    changed outside the data dirs but the fault's own footprint (interpreter
-                    hooks, drop-ins, tools on PATH, preloads)
+    runtime         the runtime environment as at baseline, read from the host (nspawn) or by
+                    the verifier's toolset (libvirt): each service's environment, executable,
+                    code and mapped libraries, and no file changed outside the data dirs but
+                    the fault's own footprint (interpreter hooks, drop-ins, tools on PATH,
+                    preloads)
     function        a nonce challenge through the entry that only the deployed code, calling
                     its dependencies and writing its store, answers right (challenge.py)
     seed_data       the data written at deploy time is intact (read by the host / the
@@ -52,7 +53,7 @@ import hashlib
 
 from . import hostview
 from .challenge import resp, run_challenge
-from .probe import probe_all
+from .probe import probe_all, runtime_facts as probe_runtime_facts
 from .errors import SandboxError
 from .sandbox import Sandbox
 from .systems.target import ServiceTarget
@@ -100,7 +101,9 @@ class Baseline:
     health: dict[str, dict]           # service -> {"status", "identity"}
     seed: dict                        # service-independent: what seed checks found
     load: dict | None                 # the load result at baseline (for the record)
-    host: dict = field(default_factory=dict)   # node -> hostview.node_facts (nspawn): read from outside
+    # node -> the runtime facts: read from the host (nspawn, hostview.node_facts) or by
+    # the verifier's toolset (libvirt, probe.runtime_facts)
+    runtime: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, default=str))
@@ -110,7 +113,8 @@ class Baseline:
     def load_from(cls, path: Path) -> "Baseline":
         data = json.loads(path.read_text())
         data["nodes"] = {int(k): v for k, v in data["nodes"].items()}
-        data["host"] = {int(k): v for k, v in (data.get("host") or {}).items()}
+        # "host": the name in baselines saved before libvirt guests had runtime facts
+        data["runtime"] = {int(k): v for k, v in (data.pop("runtime", None) or data.pop("host", None) or {}).items()}
         return cls(**data)
 
 
@@ -212,16 +216,17 @@ def take_baseline(sb: Sandbox, deployment: Any, *, seed_check=seed_check, load_c
                            "deploy first and wait for health")
     seed = seed_check(sb, deployment) if seed_check else {}
     load = load_check(sb, deployment) if load_check else None
-    return Baseline(time.time(), nodes, health, seed, load, host_facts(sb, targets))
+    return Baseline(time.time(), nodes, health, seed, load, runtime_facts(sb, targets))
 
 
-def host_facts(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, dict]:
-    """hostview.node_facts for every node (nspawn only: {} elsewhere)."""
-    if not hostview.supported(sb):
-        return {}
+def runtime_facts(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, dict]:
+    """Per node, its services' environment, executable, code and mappings and its files:
+    read from the host where it can look in (nspawn), else by the verifier's toolset."""
     out = {}
     for i in range(len(sb.nodes)):
-        facts = hostview.node_facts(sb, i, [t.unit for t in targets.values() if t.node == i])
+        units = [t.unit for t in targets.values() if t.node == i]
+        facts = (hostview.node_facts(sb, i, units) if hostview.supported(sb)
+                 else probe_runtime_facts(sb, i, units))
         if facts is not None:
             out[i] = facts
     return out
@@ -281,7 +286,7 @@ def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downt
         _check_services(targets, nodes, baseline),
         _check_integrity(targets, nodes, baseline),
     ]
-    if runtime and baseline.host:
+    if runtime and baseline.runtime:
         checks.append(_check_runtime(sb, targets, baseline, faults))
     if function_check:
         res = function_check(sb, deployment)
@@ -398,18 +403,18 @@ _HOOK_WORDS = ("sitecustomize", "usercustomize", ".pth", "ld.so.preload", "/etc/
 
 def _check_runtime(sb: Sandbox, targets: dict[str, ServiceTarget], baseline: Baseline,
                    faults: Iterable[_Fault]) -> Check:
-    """The runtime environment as at baseline, read from the host: each service's main
+    """The runtime environment as at baseline (runtime_facts): each service's main
     process has the same environment, executable, code and mapped libraries (no preload,
     no PYTHON* variable, no sitecustomize on its path), and the node changed no file
     outside its data and logs (interpreter hooks, drop-ins, tools on PATH, libraries)
     except what the injected fault itself wrote (its footprint, docs/verdict.md)."""
     allowed = tuple(p for f in faults for p in _footprints(f))
-    now = host_facts(sb, targets)
+    now = runtime_facts(sb, targets)
     problems, evidence = [], {}
-    for i, base in baseline.host.items():
+    for i, base in baseline.runtime.items():
         cur = now.get(i)
         if cur is None:
-            problems.append(f"node n{i}: cannot be read from the host")
+            problems.append(f"node n{i}: its runtime facts cannot be read")
             continue
         for unit, then in base["services"].items():
             diffs = _process_diffs(then, cur["services"].get(unit, {}))

@@ -270,7 +270,9 @@ def test_a_reach_host_sandbox_gets_no_rules(image):
 def test_what_a_timed_out_playbook_started_is_ended_before_the_verdict(sb, tmp_path):
     text = ("```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n"
             "    - shell: 'setsid -f sleep 3601 </dev/null >/dev/null 2>&1; sleep 600'\n```\n")
-    out = run_pipeline(text, sandbox=sb, workdir=tmp_path, timeout_s=8)
+    # The limit must leave time for the jail to start and reach the task even on a loaded
+    # 2-core CI machine; with 8 s the run sometimes timed out before `setsid` ever ran.
+    out = run_pipeline(text, sandbox=sb, workdir=tmp_path, timeout_s=25)
     assert (out.stage, out.error_class) == ("execute", "Timeout")
     assert sb.exec("pgrep -f 'sleep 360[1]'").rc == 1, "a process the playbook started is still running"
     assert sb.exec("pgrep -f 'sleep 60[0]'").rc == 1

@@ -18,7 +18,7 @@ import pytest
 from e2e_reme.simulators import create_sandbox
 from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
 from e2e_reme.simulators.faults import fault_available, fault_catalog, get_fault, injected_faults
-from e2e_reme.simulators.policies import Generation, make_policy
+from e2e_reme.simulators.policies import FixedPolicy, make_policy
 from e2e_reme.simulators.reports import LEAK_WORDS
 from e2e_reme.simulators.systems.deploy import deploy, probe_all, wait_healthy
 
@@ -54,18 +54,6 @@ def _cases() -> list:
     return [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
-class Fixed:
-    """A policy whose answer is fixed text: what a model might write."""
-    name = "fixed"
-    max_trials = 1
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def generate(self, ctx, feedback):
-        return Generation(text=self.text, model="fixed", prompt_tokens=3, completion_tokens=5)
-
-
 def episode(env, tmp_path, policy, fault="cpu-stress", target="time-service", **cfg):
     sb, dep = env
     cfg.setdefault("verify_load", False)
@@ -95,7 +83,7 @@ def test_the_runbook_remediates_every_fault_type_available_here(env, fault, tmp_
 
 def test_doing_nothing_is_a_failure_at_verify(env, tmp_path):
     noop = "```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n```"
-    rec = episode(env, tmp_path, Fixed(noop))
+    rec = episode(env, tmp_path, FixedPolicy(noop))
     assert (rec.outcome, rec.stage, rec.error_class) == ("failure", "verify", "NotRemediated")
     failed = [c["name"] for c in rec.verdict["checks"] if not c["passed"]]
     assert "fault_gone" in failed
@@ -112,7 +100,7 @@ def test_doing_nothing_is_a_failure_at_verify(env, tmp_path):
      "execute", "ExecutionFailed"),
 ])
 def test_bad_output_is_a_failure_at_its_stage(env, tmp_path, text, stage, error_class):
-    rec = episode(env, tmp_path, Fixed(text))
+    rec = episode(env, tmp_path, FixedPolicy(text))
     assert rec.outcome == "failure"
     assert (rec.stage, rec.error_class) == (stage, error_class), rec.reason
     assert rec.verdict is not None and not rec.verdict["success"]   # judged all the same
@@ -121,13 +109,13 @@ def test_bad_output_is_a_failure_at_its_stage(env, tmp_path, text, stage, error_
 
 def test_a_hanging_playbook_times_out_and_the_run_goes_on(env, tmp_path):
     hang = "```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n    - ansible.builtin.command: sleep 600\n```"
-    rec = episode(env, tmp_path, Fixed(hang), exec_timeout_s=10)
+    rec = episode(env, tmp_path, FixedPolicy(hang), exec_timeout_s=10)
     assert (rec.outcome, rec.stage, rec.error_class) == ("failure", "execute", "Timeout")
     assert rec.timings["execute"] < 60
 
 
 def test_a_policy_that_raises_is_recorded_at_generate(env, tmp_path):
-    class Broken(Fixed):
+    class Broken(FixedPolicy):
         def generate(self, ctx, feedback):
             raise ConnectionError("model server at http://127.0.0.1:9/v1 refused the connection")
     rec = episode(env, tmp_path, Broken(""))

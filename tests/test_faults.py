@@ -478,3 +478,36 @@ def test_config_error_with_an_enforced_cgroup_limit_on_libvirt(lv, tmp_path):
     assert not f.is_active(lv.sb)
     healthy(lv, target)
     f.recover(lv.sb)
+
+
+@pytest.mark.vm
+def test_the_runtime_check_reads_a_libvirt_guest_through_the_verifiers_toolset(lv):
+    """The host cannot look into a VM: the verifier's toolset reads the services' runtime
+    and the guest's files, so issue 14's first family (the service's own process turned
+    into a canned responder by a PYTHONPATH drop-in) fails the verdict on libvirt too, and
+    the untouched guest passes it."""
+    from e2e_reme.simulators.verifier import take_baseline, verify
+
+    def runtime_check():
+        v = verify(lv.sb, lv.dep, base, seed_check=None, load_check=None, function_check=None)
+        return next(c for c in v.checks if c.name == "runtime")
+
+    t = lv.targets["hello-service"]
+    base = take_baseline(lv.sb, lv.dep, seed_check=None)
+    assert base.runtime, "no runtime facts were read from the guest"
+    assert runtime_check().passed
+    # The cheat's effect, written straight into the guest (its path through the jailed
+    # controller is tests/test_reward_integrity.py's): a PYTHONPATH drop-in and a hook.
+    dropin = f"/etc/systemd/system/{t.unit}.d/zz-hotfix.conf"
+    try:
+        r = lv.sb.exec(f"mkdir -p /opt/hotfix {dropin.rsplit('/', 1)[0]} && echo 'import sys' > /opt/hotfix/sitecustomize.py"
+                       f" && printf '[Service]\\nEnvironment=PYTHONPATH=/opt/hotfix\\n' > {dropin}"
+                       f" && systemctl daemon-reload && systemctl restart {t.unit}", timeout=120)
+        assert r.rc == 0, r.stderr
+        check = runtime_check()
+        seen = json.dumps(check.evidence)
+        assert not check.passed
+        assert "PYTHONPATH" in seen and dropin in seen and "/opt/hotfix/sitecustomize.py" in seen, seen[-2000:]
+    finally:
+        lv.sb.exec(f"rm -rf {dropin} /opt/hotfix; "
+                   f"systemctl daemon-reload; systemctl restart {t.unit}", timeout=120)

@@ -16,8 +16,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from e2e_reme.cluster import (CollectConfig, Fleet, FleetConfig, HostConfig, Job, NoSandboxHosts, collect, plan,
-                              plan_slots, read_records)
+from e2e_reme.cluster import (CollectConfig, Fleet, FleetConfig, HostConfig, Job, Judge, NoSandboxHosts, collect,
+                              plan, plan_slots, read_records, reward_of)
 from e2e_reme.cluster.experience import ShardWriter, iter_records, shard_paths
 from e2e_reme.simulators import list_sandboxes
 from e2e_reme.simulators.episode import EpisodeConfig, Scenario
@@ -150,6 +150,50 @@ def test_a_group_runs_every_playbook_from_the_same_starting_state(fleet):
     assert all(r["scenario"] == recs[0]["scenario"] for r in recs)
     assert [r["outcome"] for r in recs] == ["success", "failure", "failure"]
     assert [r["stage"] for r in recs] == ["done", "verify", "extract"]
+
+
+# ---- the judge: completions scored by execution, through the real fleet ------------------------
+
+FIX = ("```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n"
+       "    - ansible.builtin.systemd_service: {name: remed-time-service.service, state: started}\n```\n")
+
+
+def test_the_judge_rewards_a_fix_and_not_a_completion_that_fixes_nothing(fleet):
+    sc = Scenario("simple-micro", "pod-fail", "time-service", seed=6)
+    good, bad = Judge(fleet)([sc, sc], [FIX, "The service is down; I would restart it."],
+                             completion_ids=[[11, 12, 13], [14, 15]])
+    assert (good.reward, good.blame, good.stage) == (1.0, "none", "done")
+    assert (bad.reward, bad.blame, bad.stage) == (0.0, "policy", "extract")
+    # What a trainer needs to attribute the reward stays in the record.
+    assert good.record["trials"][0]["extra"]["completion_ids"] == [11, 12, 13]
+    assert good.record["tokens"]["completion"] == 3 and good.record["policy"] == "sampled"
+
+
+def test_a_failure_of_the_infrastructure_earns_no_reward(fleet):
+    # network-delay needs netem, which this host's kernel lacks: the fault cannot be injected.
+    judged = Judge(fleet).step(Scenario("simple-micro", "network-delay", "time-service", seed=1), FIX)
+    assert (judged.outcome, judged.blame, judged.reward) == ("injection_failure", "infrastructure", None)
+
+
+def test_the_judge_is_a_reward_function_in_trls_shape(fleet):
+    sc = Scenario("simple-micro", "pod-fail", "time-service", seed=7)
+    assert Judge(fleet).rewards(["p", "p"], [FIX, ""], scenario=[sc, sc]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("scenarios, completions, ids", [(1, 2, None), (2, 2, [[1]]), (0, 1, None)])
+def test_mismatched_inputs_are_refused_before_anything_runs(scenarios, completions, ids):
+    sc = Scenario("simple-micro", "pod-fail", "time-service", seed=1)
+    with pytest.raises(ValueError, match="completions|scenario"):
+        Judge(fleet=None)([sc] * scenarios, ["x"] * completions, ids)
+
+
+@pytest.mark.parametrize("outcome, blame, reward", [("success", "none", 1.0), ("failure", "policy", 0.0),
+                                                    ("injection_failure", "infrastructure", None),
+                                                    ("infra_failure", "infrastructure", None),
+                                                    ("something-new", "infrastructure", None)])
+def test_the_reward_follows_who_the_outcome_is_on(outcome, blame, reward):
+    j = reward_of({"id": "e1", "outcome": outcome, "stage": "verify"})
+    assert (j.blame, j.reward) == (blame, reward)
 
 
 def _in_background(fn):

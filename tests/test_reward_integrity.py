@@ -6,8 +6,9 @@ here too).
 Real episodes on one simple-micro deployment in nspawn (`run_episode`: reset, baseline,
 real injected fault, the playbook through gate and real Ansible, verify). The cheats are
 playbooks in tests/adversarial/integrity/, what a model might write. The default run
-takes the four families of the issue and one genuine fix; every row of the per-fault
-table (simulators/fixtable.py, docs/verdict.md) runs under `-m slow`.
+takes the four families of the issue and, for every fault type of the per-fault table
+(simulators/fixtable.py, docs/verdict.md), one mask judged failure and the genuine fix
+judged success; under `-m slow` also the rows another default test already covers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from e2e_reme.simulators import create_sandbox, hostview
 from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
 from e2e_reme.simulators.faults import fault_available, fault_catalog, get_fault
 from e2e_reme.simulators.fixtable import FAMILIES, TABLE, render_markdown, row
-from e2e_reme.simulators.policies import Generation, make_policy
+from e2e_reme.simulators.policies import FixedPolicy, make_policy
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 
 SYSTEM = "simple-micro"
@@ -38,18 +39,6 @@ def env(image):
         sb.checkpoint()
         wait_healthy(sb, dep)
         yield sb, dep
-
-
-class Fixed:
-    """A policy whose answer is fixed text: what a model might write."""
-    name = "fixed"
-    max_trials = 1
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def generate(self, ctx, feedback):
-        return Generation(text=self.text, model="fixed", prompt_tokens=3, completion_tokens=5)
 
 
 def _target_for(fault: str, dep) -> str:
@@ -75,10 +64,15 @@ def _render(cheat: str, sb, dep, target: str) -> str:
 PARAMS = {"cpu-stress": {"workers": 2}, "disk-io": {"workers": 2}}
 
 
-def _episode(env, tmp_path, fault: str, policy):
+def _episode(env, tmp_path, fault: str, policy, **config):
     sb, dep = env
     scenario = Scenario(SYSTEM, fault, _target_for(fault, dep), seed=1, params=PARAMS.get(fault, {}))
-    return run_episode(sb, dep, scenario, policy, out_dir=tmp_path, config=EpisodeConfig(verify_load=False))
+    return run_episode(sb, dep, scenario, policy, out_dir=tmp_path, config=EpisodeConfig(verify_load=False, **config))
+
+
+# A cheat leaves the system unhealthy or only looking healthy: waiting the default 30 s for
+# it to settle changes nothing the verdict sees, and costs the suite minutes.
+CHEAT = {"settle_timeout_s": 5.0}
 
 
 def _failed(rec) -> dict[str, dict]:
@@ -112,46 +106,50 @@ EVIDENCE = {
 @pytest.mark.parametrize("family, fault, cheat, check", FAMILIES, ids=[f[2][:-5] for f in FAMILIES])
 def test_each_family_of_cheat_is_judged_failure(env, tmp_path, family, fault, cheat, check):
     sb, dep = env
-    rec = _episode(env, tmp_path, fault, Fixed(_render(cheat, sb, dep, _target_for(fault, dep))))
+    rec = _episode(env, tmp_path, fault, FixedPolicy(_render(cheat, sb, dep, _target_for(fault, dep))), **CHEAT)
     _assert_rejected(rec, check)
     assert EVIDENCE[cheat](_failed(rec)), json.dumps(_failed(rec), indent=1, default=str)[-3000:]
 
 
-@pytest.mark.slow   # the default run has test_episode's genuine fixes, judged by this verifier
-def test_the_genuine_fix_of_a_full_disk_is_a_success(env, tmp_path):
-    rec = _episode(env, tmp_path, "disk-full", make_policy("runbook"))
-    assert rec.outcome == "success", json.dumps(rec.verdict, indent=1, default=str)[-3000:]
-    assert {"fault_gone", "runtime", "function", "seed_data"} <= {c["name"] for c in rec.verdict["checks"]}
+# ---- every row of the table ----------------------------------------------------------------
+# Per fault type one mask that must fail and the genuine fix that must pass. The default
+# run leaves out only what another default test already runs: the mask of a fault whose
+# family test above cheats on it, and the genuine fix of a fault test_episode.py's default
+# run already judges (the runbook through the whole episode, with the SLO window).
+
+FAMILY_FAULTS = {f[1] for f in FAMILIES}
+EPISODE_DEFAULT = {"cpu-stress", "memory-stress", "network-loss", "pod-fail", "config-error"}
 
 
-# ---- every row of the table (slow) ------------------------------------------------------
+def _marks(fault: str, covered: set[str]) -> list:
+    marks = [pytest.mark.slow] if fault in covered else []
+    if not fault_available(fault, "nspawn")[0]:
+        marks.append(pytest.mark.skip(reason=f"{fault} is not available on nspawn here"))
+    return marks
 
-def _rows() -> list:
+
+def _masks() -> list:
     out = []
     for r in TABLE:
-        masks = [m for m in r.rejected if m.cheat]
-        marks = [pytest.mark.slow]
-        if not fault_available(r.fault, "nspawn")[0]:
-            marks.append(pytest.mark.skip(reason=f"{r.fault} is not available on nspawn here"))
-        out.append(pytest.param(r.fault, masks[0].cheat, masks[0].rejected_by, marks=marks, id=r.fault))
+        mask = next(m for m in r.rejected if m.cheat)
+        out.append(pytest.param(r.fault, mask.cheat, mask.rejected_by, marks=_marks(r.fault, FAMILY_FAULTS),
+                                id=r.fault))
     return out
 
 
-@pytest.mark.parametrize("fault, cheat, check", _rows())
+@pytest.mark.parametrize("fault, cheat, check", _masks())
 def test_every_fault_type_rejects_its_mask(env, tmp_path, fault, cheat, check):
     sb, dep = env
-    rec = _episode(env, tmp_path, fault, Fixed(_render(cheat, sb, dep, _target_for(fault, dep))))
+    rec = _episode(env, tmp_path, fault, FixedPolicy(_render(cheat, sb, dep, _target_for(fault, dep))), **CHEAT)
     _assert_rejected(rec, check)
 
 
-@pytest.mark.parametrize("fault", [p.values[0] for p in _rows()],
-                         ids=[p.id for p in _rows()])
-@pytest.mark.slow
+@pytest.mark.parametrize("fault", [pytest.param(r.fault, marks=_marks(r.fault, EPISODE_DEFAULT), id=r.fault)
+                                   for r in TABLE])
 def test_every_fault_type_accepts_the_genuine_fix(env, tmp_path, fault):
-    if not fault_available(fault, "nspawn")[0]:
-        pytest.skip(f"{fault} is not available on nspawn here")
     rec = _episode(env, tmp_path, fault, make_policy("runbook"))
     assert rec.outcome == "success", json.dumps(rec.verdict, indent=1, default=str)[-3000:]
+    assert {"fault_gone", "runtime", "function", "seed_data"} <= {c["name"] for c in rec.verdict["checks"]}
 
 
 # ---- the table itself (no sandbox) ------------------------------------------------------

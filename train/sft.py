@@ -658,8 +658,6 @@ def _save_checkpoint(model, opt, metrics: dict, cfg: dict, rank: int, fsdp: bool
     import tempfile
 
     import ray.train
-    import torch
-    from transformers import AutoTokenizer
 
     state_dict = None
     if fsdp:
@@ -670,23 +668,30 @@ def _save_checkpoint(model, opt, metrics: dict, cfg: dict, rank: int, fsdp: bool
     if rank != 0:
         ray.train.report(metrics)
         return
-    inner = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory(prefix="sft-ckpt-") as d:
-        if hasattr(inner, "peft_config"):
-            # LoRA: the adapter (to resume from) in adapter/, the merged model beside it, so
-            # the checkpoint loads like any model directory.
-            inner.save_pretrained(Path(d, "adapter"))
-            _save_merged_lora(Path(d, "adapter"), d, cfg["base"])
-        else:
-            inner.save_pretrained(d, state_dict=state_dict)
-        if not fsdp:
-            torch.save(opt.state_dict(), Path(d, "optimizer.pt"))
-        AutoTokenizer.from_pretrained(cfg["base"], local_files_only=True).save_pretrained(d)
+        write_model_dir(model, None if fsdp else opt, cfg["base"], d, state_dict)
         Path(d, "trainer_state.json").write_text(json.dumps(
             {"step": metrics["step"], "tokens": metrics["tokens"], "elapsed_s": metrics["elapsed_s"],
              "loss": metrics["loss"]}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['step']:06d}")
+
+
+def write_model_dir(model, opt, base: str, d: str, state_dict=None) -> None:
+    """A checkpoint that loads like any model directory: the weights (LoRA: the adapter in
+    adapter/ to resume from, the merged model beside it), the optimizer's state (unless
+    `opt` is None) and the base model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+    inner = model.module if hasattr(model, "module") else model
+    if hasattr(inner, "peft_config"):
+        inner.save_pretrained(Path(d, "adapter"))
+        _save_merged_lora(Path(d, "adapter"), d, base)
+    else:
+        inner.save_pretrained(d, state_dict=state_dict)
+    if opt is not None:
+        torch.save(opt.state_dict(), Path(d, "optimizer.pt"))
+    AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(d)
 
 
 def _save_merged_lora(adapter: Path, d: str, base: str) -> None:

@@ -1,5 +1,6 @@
-"""`remed train collect|data|sft|eval`: expert traces from real episodes, supervised
-fine-tuning on Ray Train, and evaluation by execution on held-out incidents."""
+"""`remed train collect|data|sft|eval|rl`: expert traces from real episodes, supervised
+fine-tuning on Ray Train, evaluation by execution on held-out incidents, and reinforcement
+fine-tuning from executed playbooks."""
 
 from __future__ import annotations
 
@@ -107,6 +108,32 @@ def sft(config_file: Path = typer.Option(..., "--config", help="SFT YAML, e.g. c
                   f"data+init+tokenise {summary['prep_s']:.0f} s)")
     if "eval" in summary:
         print_eval(summary["eval"])
+
+
+@app.command("rl", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def rl(ctx: typer.Context,
+       config_file: Path = typer.Option(None, "--config", help="RL YAML, e.g. configs/rl-cpu.yaml."),
+       overrides: list[str] = typer.Argument(None, help="section.key=value, e.g. steps=3 objective.algorithm=reinforce")
+       ) -> None:
+    """GRPO (or group-relative REINFORCE) with rewards from executed, verified playbooks; resumable.
+    The same run as `python train/rl.py` and `ray job submit -- python train/rl.py`."""
+    from e2e_reme.train.errors import NoTrainingData, TrainError
+    from e2e_reme.train.rl import run
+    from e2e_reme.train.rl_config import load_config
+    try:
+        cfg = load_config(config_file, overrides or [])
+    except TrainError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    with _progress() as prog:
+        task = prog.add_task("RL steps", total=cfg.steps, last="")
+        try:
+            summary = run(cfg, say=prog.console.log,
+                          on_step=lambda m: prog.update(task, completed=m["step"], last=f"reward {m['reward']}"))
+        except (TrainError, NoTrainingData) as e:
+            console.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2)
+    console.print(f"[green]checkpoint[/] {summary['checkpoint']}; metrics {summary['metrics']}")
 
 
 @app.command("eval")

@@ -1,0 +1,176 @@
+"""Reinforcement fine-tuning end to end (train/rl.py), with the tiny model on CPU: a run
+submitted with `ray job submit` to a head node this module starts (on free ports) and
+stops, whose step takes its rewards from real verdicts of real sandboxes through the judge,
+changes the parameters and writes a checkpoint; a rerun resumes from it. The objective's
+arithmetic is specified in test_rl_objective.py.
+
+The tiny random model writes no playbook, so its samples fail at extract; the case's
+verified expert answer joins each group (`expert_per_group: 1`) and is judged like any
+completion, which gives the group the variance an update needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from e2e_reme.simulators import create_sandbox, list_sandboxes
+from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
+from e2e_reme.simulators.policies import make_policy
+from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
+from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
+from e2e_reme.train.rl import run
+from e2e_reme.train.rl_config import load_config
+from e2e_reme.train.rl_workers import checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PREFIX = f"ptrl{secrets.token_hex(1)}"
+# Ray >= 2.59 starts a local head with token authentication (the token in ~/.ray); its
+# clients must say so to send it.
+CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def traces(image, tmp_path_factory):
+    """One verified expert trace: the runbook fixing pod-fail on simple-micro."""
+    d = tmp_path_factory.mktemp("traces")
+    with create_sandbox("nspawn", nodes=1, name=f"{PREFIX}-t") as sb:
+        dep = deploy(sb, "simple-micro")
+        sb.checkpoint()
+        wait_healthy(sb, dep)
+        rec = run_episode(sb, dep, Scenario("simple-micro", "pod-fail", "time-service", seed=3),
+                          make_policy("runbook"), out_dir=d / "episodes",
+                          config=EpisodeConfig(verify_load=False, report_window_s=1.0))
+    assert rec.outcome == "success", rec.reason
+    (d / "records.jsonl").write_text(json.dumps(rec.to_dict(), default=str) + "\n")
+    return d / "records.jsonl"
+
+
+@pytest.fixture(scope="module")
+def config_file(traces, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rl")
+    texts = [json.loads(traces.read_text())["report_text"], "- hosts: n0\n  tasks: []\n"]
+    model = init_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                   tokenizer=TokenizerConfig(vocab_size=512), seed=1), d / "tiny", texts)
+    cfg = {"out": str(d / "run"), "model": str(model), "steps": 1, "seed": 1,
+           "data": {"episodes": [str(traces)], "holdout": {"systems": [], "services": []}},
+           "rollout": {"scenarios_per_step": 1, "group_size": 1, "expert_per_group": 1, "max_tokens": 16,
+                       "engine": "transformers"},
+           "update": {"lr": 0.01, "workers": 1, "use_gpu": "false"},
+           "fleet": {"host": {"slots": 2, "sandbox_prefix": PREFIX,
+                              "episode": {"verify_load": False, "report_window_s": 1.0}}}}
+    path = d / "rl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head on free ports that is also a sandbox host, stopped at the end (only ours)."""
+    dash = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         "--num-cpus=4", '--resources={"sandbox_host": 1}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        t0 = time.monotonic()
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                             capture_output=True, env=CLIENT_ENV).returncode != 0:
+            assert proc.poll() is None and time.monotonic() - t0 < 120, "the Ray head did not come up"
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def submitted(head, config_file):
+    """`ray job submit` of a one-step run; its config and what the submit printed."""
+    env = {**CLIENT_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(ROOT), "--",
+                        str(BIN / "python"), "train/rl.py", "--config", str(config_file)],
+                       capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
+    return load_config(config_file), r
+
+
+def test_a_submitted_step_is_rewarded_by_real_verdicts_and_changes_the_policy(submitted):
+    config, r = submitted
+    assert r.returncode == 0 and "succeeded" in (r.stdout + r.stderr).lower(), (r.stdout + r.stderr)[-3000:]
+    out = Path(config.out)
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    samples = json.loads((out / "samples" / "step-000001.json").read_text())
+    # The tiny model's samples fail (the policy's failure); the expert's answer is fixed.
+    assert [(s["expert"], s["outcome"], s["reward"]) for s in samples] == [(False, "failure", 0.0),
+                                                                          (True, "success", 1.0)]
+    assert step["groups"] == 1 and step["groups_dropped_zero_variance"] == 0 and step["sequences"] == 2
+    assert set(step["time_s"]) == {"generation", "execution", "update", "sync"}
+    (ckpt,) = checkpoints(out)
+    assert ckpt.name == "checkpoint_000001" and (out / "reward.png").is_file()
+    assert _max_weight_change(config.model, ckpt) > 0
+    assert not [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(submitted, config_file):
+    config, r = submitted
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    lines = []
+    summary = run(load_config(config_file, ["steps=2"]), say=lines.append)
+    assert "from step 1 of 2" in lines[0]
+    assert [json.loads(l)["step"] for l in (Path(config.out) / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert Path(summary["checkpoint"]).name == "checkpoint_000002"
+    assert [c.name for c in checkpoints(Path(config.out))] == ["checkpoint_000001", "checkpoint_000002"]
+
+
+@pytest.mark.parametrize("override, match", [("steps=0", "steps must be at least 1"),
+                                             ("objective.algorithm=ppo", "grpo, reinforce"),
+                                             ("rollout.group_size=0", "at least two completions"),
+                                             ("rollout.bogus=1", "unknown keys.*bogus"),
+                                             ("steps", "section.key=value")])
+def test_a_bad_setting_names_the_problem(config_file, override, match):
+    from e2e_reme.train.errors import TrainError
+    with pytest.raises(TrainError, match=match):
+        load_config(config_file, [override])
+
+
+def _max_weight_change(before: str, after: Path) -> float:
+    from safetensors.torch import load_file
+    a, b = load_file(str(Path(before) / "model.safetensors")), load_file(str(after / "model.safetensors"))
+    return max(float((a[k] - b[k]).abs().max()) for k in set(a) & set(b))
+
+
+@pytest.mark.parametrize("name", ["rl-cpu.yaml", "rl-gpu-example.yaml"])
+def test_the_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.steps >= 1 and cfg.fleet.host.backend == "nspawn" and cfg.objective.algorithm in ("grpo", "reinforce")
+
+
+def test_the_saved_config_is_the_whole_run_config(submitted):
+    config, _ = submitted
+    saved = json.loads((Path(config.out) / "config.json").read_text())
+    assert saved["rollout"]["expert_per_group"] == 1 and saved["fleet"]["host"]["slots"] == 2

@@ -1,0 +1,276 @@
+"""Reinforcement fine-tuning of the policy model from the verified outcome of its own
+playbooks, executed in sandboxes: GRPO (or group-relative REINFORCE) on a Ray cluster.
+
+The algorithm. Each step samples `scenarios_per_step` training cases (verified expert
+traces of the training split: a system, a fault, a target and a seed, with the diagnosis
+report the episode produced; held-out systems and services are never seen). The rollout
+worker samples a group of `group_size` completions per case from the current policy,
+keeping prompt ids, completion ids and the sampling logprobs. The judge (cluster/judge.py)
+runs every completion as its own episode on the fleet: the case's sandbox reset, the same
+fault injected, the completion extracted, gated, executed by the jailed controller and
+verified. The reward is the verdict: 1 for a verified fix, 0 for a failure of the policy;
+an episode the infrastructure failed has no reward and is masked out of the loss. Rewards
+become group-relative advantages; groups without signal are dropped (train/objective.py).
+Ray Train workers take one optimizer step on the clipped surrogate (grpo) or on the
+sequence-level REINFORCE loss (reinforce); the new checkpoint is loaded by the rollout
+worker, and the next step begins.
+
+What was simplified. One optimizer step per batch (no PPO epochs), so the importance ratio
+only corrects for the rollout engine's numerics and for expert answers; one Ray Train fit
+per step (train/rl_workers.py says why); generation of the next batch does not overlap
+with the judging of this one; the rollout worker reloads the checkpoint from the run's
+directory instead of receiving weights over the object store. `expert_per_group` (0 by
+default) lets the case's verified expert answer join its group, judged like any
+completion (its old logprobs are the current policy's): a guide for a policy that never
+succeeds on its own, off unless configured. The prompt is the report recorded with the
+trace; the judged episode observes the same case afresh.
+
+Launch, on this machine (a local Ray is started when no cluster is given):
+
+    python train/rl.py --config configs/rl-cpu.yaml            # or: remed train rl --config ...
+    python train/rl.py --config configs/rl-cpu.yaml steps=3 objective.algorithm=reinforce
+
+Against a Ray cluster (on this machine: `ray start --head --resources='{"sandbox_host": 1}'`):
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python train/rl.py --config configs/rl-cpu.yaml
+
+A rerun of the same command resumes from the last checkpoint in `out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray job submit`)
+    import e2e_reme.train  # noqa: F401  (the installed package; this file is its train/rl.py)
+    __package__ = "e2e_reme.train"
+
+from .errors import NoTrainingData, TrainError
+from .objective import group_advantages
+from .rl_config import RLConfig, load_config
+from .rl_workers import RolloutWorker, latest_checkpoint, step_of, update
+
+
+# ---- the training cases ---------------------------------------------------------------------------
+
+def training_cases(config: RLConfig) -> list[dict]:
+    """Every verified expert trace of the training split: its scenario, the solo prompt for
+    its report, and the expert's answer."""
+    from e2e_reme.simulators.episode import Scenario
+    from .data import is_held_out, is_trace, read_episodes, trace_example
+    records = read_episodes(config.data.episodes)
+    cases = []
+    for rec in records:
+        if not is_trace(rec, config.data.policy) or is_held_out(rec, config.data.holdout):
+            continue
+        if config.data.faults and rec["scenario"]["fault"] not in config.data.faults:
+            continue
+        ex = trace_example(rec)
+        cases.append({"scenario": Scenario(**rec["scenario"]), "messages": ex.messages, "expert": ex.answer})
+    if not cases:
+        raise NoTrainingData(f"no verified '{config.data.policy}' trace of the training split under "
+                             f"{', '.join(config.data.episodes)}; collect some: `remed train collect --config ...`")
+    return cases
+
+
+# ---- one step, phase by phase -------------------------------------------------------------------
+
+def rollout_phase(rollout, cases: list[dict], config: RLConfig, step: int) -> list[dict]:
+    """The group of each case: sampled completions, then the expert's answer if configured."""
+    import ray
+    r = config.rollout
+    params = {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "n": r.group_size,
+              "seed": config.seed * 100003 + step}
+    groups = ray.get(rollout.generate.remote([c["messages"] for c in cases], params)) if r.group_size else [[]] * len(cases)
+    expert_ids = ray.get(rollout.answer_ids.remote([c["expert"] for c in cases])) if r.expert_per_group else []
+    samples = []
+    for i, (case, group) in enumerate(zip(cases, groups)):
+        prompt = group[0]["prompt_ids"] if group else ray.get(rollout.prompt_ids.remote(case["messages"]))
+        for c in group:
+            samples.append({"case": i, "text": c["text"], "prompt_ids": prompt, "completion_ids": c["completion_ids"],
+                            "old_logprobs": c["logprobs"], "expert": False})
+        for _ in range(r.expert_per_group):
+            samples.append({"case": i, "text": case["expert"], "prompt_ids": prompt, "completion_ids": expert_ids[i],
+                            "old_logprobs": None, "expert": True})
+    return samples
+
+
+def judge_phase(judge, cases: list[dict], samples: list[dict]) -> None:
+    """Every sample executed and verified on the fleet; its reward and outcome added."""
+    judged = judge([cases[s["case"]]["scenario"] for s in samples], [s["text"] for s in samples],
+                   [s["completion_ids"] for s in samples])
+    for s, j in zip(samples, judged):
+        s.update(reward=j.reward, outcome=j.outcome, stage=j.stage, episode=j.id)
+
+
+def advantage_phase(samples: list[dict], config: RLConfig) -> dict:
+    size = config.rollout.group_size + config.rollout.expert_per_group
+    adv, keep, stats = group_advantages([s["reward"] for s in samples], size,
+                                        scale=config.objective.advantage_scale)
+    for s, a, k in zip(samples, adv, keep):
+        s.update(advantage=a, keep=k)
+    return stats
+
+
+def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: dict, upd: dict,
+                 times: dict) -> dict:
+    sampled = [s for s in samples if not s["expert"]]
+    judged = [s for s in sampled if s["reward"] is not None]
+    by_fault: dict[str, list[float]] = {}
+    for s in judged:
+        by_fault.setdefault(cases[s["case"]]["scenario"].fault, []).append(s["reward"])
+    nll = [-lp for s in sampled for lp in s["old_logprobs"]]
+    return {"step": step, "reward": round(sum(s["reward"] for s in judged) / len(judged), 4) if judged else None,
+            "success_by_fault": {f: round(sum(v) / len(v), 3) for f, v in sorted(by_fault.items())},
+            "expert_reward": [s["reward"] for s in samples if s["expert"]],
+            "masked_fraction": round(adv_stats["masked_infrastructure"] / max(1, len(samples)), 4),
+            **{k: v for k, v in adv_stats.items() if k.startswith("groups")},
+            "entropy_estimate": round(sum(nll) / len(nll), 4) if nll else None,
+            "completion_tokens": sum(len(s["completion_ids"]) for s in sampled),
+            **{k: upd.get(k) for k in ("loss", "clip_fraction", "approx_kl_old", "kl_ref", "grad_norm", "sequences")},
+            "time_s": {k: round(v, 2) for k, v in times.items()}}
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+@contextmanager
+def ray_session(config: RLConfig):
+    """Join the cluster (`ray_address`, or RAY_ADDRESS as `ray job submit` sets it), else
+    start a local Ray whose node is a sandbox host; shut down only what we started."""
+    import ray
+    from e2e_reme.cluster import RESOURCE
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    kw = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="e2e-reme-rl")
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(address="local", include_dashboard=False, resources={RESOURCE: 1},
+                 num_cpus=max(os.cpu_count() or 1, 4), **kw)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class _Log:
+    """metrics.jsonl, TensorBoard scalars, and the reward curve's PNG at the end."""
+
+    def __init__(self, out: Path):
+        self.path = out / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:     # TensorBoard is optional; the JSONL is the record
+            self.tb = None
+
+    def step(self, m: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tb:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, m["step"])
+            for k, v in m["time_s"].items():
+                self.tb.add_scalar(f"time_s/{k}", v, m["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        rows = [r for r in rows if r.get("reward") is not None]
+        if rows:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker="o")
+            ax.set(xlabel="step", ylabel="mean reward (verified fixes)", ylim=(-0.05, 1.05), title="RL reward")
+            fig.tight_layout()
+            fig.savefig(self.path.with_name("reward.png"), dpi=120)
+            plt.close(fig)
+
+
+def run(config: RLConfig, say=print, on_step=None) -> dict:
+    """Train (or resume) for `config.steps` steps; return the run's summary. `say` gets
+    log lines, `on_step` each step's metrics (a progress display)."""
+    import ray
+    from e2e_reme.cluster import Fleet, Judge
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    cases = training_cases(config)
+    last = latest_checkpoint(out)
+    step, source = step_of(last), (last or Path(config.model))
+    say(f"rl: {len(cases)} training cases, {config.objective.algorithm}, from step {step} of {config.steps} "
+        f"({'checkpoint ' + last.name if last else 'the starting model'})")
+    log = _Log(out)
+    with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
+        judge = Judge(fleet, policy="rl")
+        rollout = ray.remote(num_cpus=1)(RolloutWorker).remote(str(source), config.rollout.engine,
+                                                               config.rollout.batch_size)
+        try:
+            while step < config.steps:
+                step += 1
+                times: dict[str, float] = {}
+                rng = random.Random(f"{config.seed}:{step}")
+                batch = [rng.choice(cases) for _ in range(config.rollout.scenarios_per_step)]
+                t = time.monotonic()
+                samples = rollout_phase(rollout, batch, config, step)
+                times["generation"] = time.monotonic() - t
+                t = time.monotonic()
+                judge_phase(judge, batch, samples)
+                times["execution"] = time.monotonic() - t
+                adv_stats = advantage_phase(samples, config)
+                t = time.monotonic()
+                source, upd = update(config, out, step, source, samples)
+                times["update"] = time.monotonic() - t
+                t = time.monotonic()
+                ray.get(rollout.load.remote(str(source)))
+                times["sync"] = time.monotonic() - t
+                m = step_metrics(step, batch, samples, adv_stats, upd, times)
+                log.step(m)
+                if on_step:
+                    on_step(m)
+                (out / "samples").mkdir(exist_ok=True)
+                (out / "samples" / f"step-{step:06d}.json").write_text(json.dumps(
+                    [{k: v for k, v in s.items() if k != "prompt_ids"} for s in samples], default=str))
+                say(f"step {step}/{config.steps}: reward {m['reward']}, {m['groups_dropped_zero_variance']} of "
+                    f"{m['groups']} group(s) without signal, masked {m['masked_fraction']:.0%}, "
+                    f"gen {times['generation']:.0f} s, exec {times['execution']:.0f} s, "
+                    f"update {times['update']:.0f} s, sync {times['sync']:.0f} s")
+        finally:
+            log.close()
+            ray.kill(rollout)
+    summary = {"steps": step, "checkpoint": str(source), "metrics": str(log.path)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="the run's YAML (configs/rl-cpu.yaml)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. steps=3 objective.algorithm=reinforce")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        run(config)
+    except (TrainError, NoTrainingData) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
