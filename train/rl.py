@@ -45,7 +45,9 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -156,10 +158,19 @@ def ray_session(config: RLConfig):
     else:
         ray.init(address="local", include_dashboard=False, resources={RESOURCE: 1},
                  num_cpus=max(os.cpu_count() or 1, 4), **kw)
+    # `ray job stop` sends SIGTERM: unwind like Ctrl-C, so that the fleet stops its sandboxes
+    # (its reapers destroy them if the SIGKILL that follows comes first). Ray's core sets a
+    # crash-dump handler at init, hence after it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Log:
@@ -269,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, NoTrainingData) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the same command resumes from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 
