@@ -493,6 +493,7 @@ def test_the_runtime_check_reads_a_libvirt_guest_through_the_verifiers_toolset(l
         return next(c for c in v.checks if c.name == "runtime")
 
     t = lv.targets["hello-service"]
+    wait_healthy(lv.sb, lv.dep)     # the module's previous test may have just recovered its fault
     base = take_baseline(lv.sb, lv.dep, seed_check=None)
     assert base.runtime, "no runtime facts were read from the guest"
     assert runtime_check().passed
