@@ -368,7 +368,7 @@ CONTENT_TREES = ("etc/", "usr/local/", "usr/bin/", "usr/sbin/", "usr/lib/python3
 GUEST_VOLATILE = ("etc/resolv.conf",)
 
 
-def runtime_facts(sb: Sandbox, node: int, units: list[str], timeout: float = 120) -> dict | None:
+def guest_runtime_facts(sb: Sandbox, node: int, units: list[str], timeout: float = 120) -> dict | None:
     """hostview.node_facts for a node the host cannot look into (libvirt), read by the
     verifier's toolset; None if the node does not answer."""
     from .hostview import HASH_LIMIT, RUN_DROPIN_DIRS, VOLATILE_ENV, VOLATILE_PATHS

@@ -53,7 +53,7 @@ import hashlib
 
 from . import hostview
 from .challenge import resp, run_challenge
-from .probe import probe_all, runtime_facts as probe_runtime_facts
+from .probe import guest_runtime_facts, probe_all
 from .errors import SandboxError
 from .sandbox import Sandbox
 from .systems.target import ServiceTarget
@@ -102,7 +102,7 @@ class Baseline:
     seed: dict                        # service-independent: what seed checks found
     load: dict | None                 # the load result at baseline (for the record)
     # node -> the runtime facts: read from the host (nspawn, hostview.node_facts) or by
-    # the verifier's toolset (libvirt, probe.runtime_facts)
+    # the verifier's toolset (libvirt, probe.guest_runtime_facts)
     runtime: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
@@ -226,7 +226,7 @@ def runtime_facts(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, d
     for i in range(len(sb.nodes)):
         units = [t.unit for t in targets.values() if t.node == i]
         facts = (hostview.node_facts(sb, i, units) if hostview.supported(sb)
-                 else probe_runtime_facts(sb, i, units))
+                 else guest_runtime_facts(sb, i, units))
         if facts is not None:
             out[i] = facts
     return out

@@ -217,6 +217,9 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     import ray
     from e2e_reme.cluster import Fleet, Judge
 
+    if not Path(config.model).is_dir():
+        raise TrainError(f"rl config: model {config.model}: no such directory; name the model to start from "
+                         "(an SFT export such as runs/sft-cpu/model, or `remed model import`'s output)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
