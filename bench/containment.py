@@ -73,7 +73,8 @@ def jail_arm(sb, work: Path) -> tuple[float, float]:
 
 
 def episodes(cases: int, workdir: Path, console: Console) -> list[float]:
-    from e2e_reme.simulators.benchmark import BenchConfig, make_cases, run_bench
+    from e2e_reme.simulators.benchmark import BenchConfig, run_bench
+    from e2e_reme.simulators.campaign import make_cases
     from e2e_reme.simulators.episode import EpisodeConfig
     runnable, _ = make_cases("simple-micro", "easy", 0, "nspawn")
     limit = runnable[cases - 1].index + 1 if len(runnable) >= cases else None

@@ -35,7 +35,7 @@ from e2e_reme.simulators.episode import EpisodeConfig, Slot, run_case
 from e2e_reme.simulators.policies import make_policy
 
 FAULTS = ("cpu-stress", "memory-stress", "network-loss")
-PHASES = ("reset", "deploy_check", "inject", "confirm", "report", "generate", "execute", "settle", "verify",
+PHASES = ("reset", "deploy_check", "inject", "confirm", "report", "generate", "pipeline", "execute", "settle", "verify",
           "cleanup", "total")
 
 
@@ -127,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 160)
     import ray
-    scenarios, _ = plan(CollectConfig(episodes=args.episodes, faults=FAULTS, seed=args.seed))
+    scenarios = [c.scenario for c in plan(CollectConfig(episodes=args.episodes, faults=FAULTS, seed=args.seed))[0]]
     runs = []
     ray.init(resources={"sandbox_host": 1}, include_dashboard=False, log_to_driver=False, namespace="bench")
     try:
@@ -179,7 +179,7 @@ def main() -> None:
 def _more(scenarios, n, args):
     """Enough episodes that every slot has work for the whole run."""
     k = max(len(scenarios), 2 * n)
-    return plan(CollectConfig(episodes=k, faults=FAULTS, seed=args.seed))[0]
+    return [c.scenario for c in plan(CollectConfig(episodes=k, faults=FAULTS, seed=args.seed))[0]]
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     summary = collect(CollectConfig(policy="runbook", episodes=200, systems=("simple-micro", "boutique"),
                                     out="runs/exp"))
-    records = read_records("runs/exp")           # {id: record}, what the trainer reads
-    ds = ray.data.read_json("runs/exp/shards")   # or as a Ray Dataset
+    records = RecordStore("runs/exp", sharded=True).done()   # {id: record}; the trainer reads it too
+    ds = ray.data.read_json("runs/exp/shards")                # or as a Ray Dataset
 
-The plan of a collection is a pure function of its config: episode i's system is
+A driver over the campaign (`simulators/campaign.py`: planning, the records store, the
+statistics) whose episodes run on the Ray fleet. The plan of a collection is a pure
+function of its config (`campaign.sample_cases`): episode i's system is
 `systems[i % len(systems)]`, its fault and target are drawn with a generator seeded by
 (seed, i) among the faults this backend can provide and the services each applies to. So a
 rerun of the same command plans the same episodes and runs only those not yet in a shard:
@@ -23,17 +25,12 @@ field versions them) plus `host`, where the episode ran.
 
 from __future__ import annotations
 
-import collections
-import json
-import os
-import random
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 from e2e_reme.config import check_keys
-from e2e_reme.simulators.episode import SCHEMA_VERSION, Scenario
+from e2e_reme.simulators.campaign import Case, RecordStore, per_group, sample_cases, stats
+from e2e_reme.simulators.episode import SCHEMA_VERSION
 
 from .fleet import Fleet, FleetConfig
 from .host import HostConfig, Job
@@ -86,154 +83,18 @@ class CollectConfig:
 
 # ---- the plan ----------------------------------------------------------------------------------
 
-def plan(config: CollectConfig) -> tuple[list[Scenario], dict[str, str]]:
-    """The collection's scenarios, and the faults left out (name -> why)."""
-    from e2e_reme.simulators.faults.base import canonical_name, fault_available, get_fault
-    from e2e_reme.simulators.systems.deploy import targets_for
-    from e2e_reme.simulators.systems.spec import load_system
-    if config.episodes < 0:
-        raise ValueError(f"episodes must be >= 0, not {config.episodes}")
-    if not config.systems:
-        raise ValueError("name at least one system (remed system ls)")
-    backend = config.fleet.host.backend
-    skipped: dict[str, str] = {}
-    faults = []
-    for raw in dict.fromkeys(config.faults):
-        name = canonical_name(raw)
-        get_fault(name)            # an unknown name lists the catalog
-        ok, why = fault_available(name, backend)
-        if ok:
-            faults.append(name)
-        else:
-            skipped[name] = why
-    eligible: dict[str, dict[str, list[str]]] = {}
-    for system in config.systems:
-        spec = load_system(system)
-        targets = targets_for(spec, [f"198.18.255.{i + 2}" for i in range(spec.nodes)])
-        eligible[system] = {}
-        for f in faults:
-            cls = get_fault(f)
-            names = sorted(n for n, t in targets.items() if cls.applies_to(t, targets)[0])
-            if names:
-                eligible[system][f] = names
-    if not any(eligible.values()):
-        raise ValueError(f"no fault of {', '.join(config.faults)} can run on {', '.join(config.systems)} with the "
-                         f"{backend} backend here" + (f" ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})"
-                                                      if skipped else ""))
-    out = []
-    for i in range(config.episodes):
-        system = config.systems[i % len(config.systems)]
-        if not eligible[system]:
-            system = next(s for s in config.systems if eligible[s])
-        rng = random.Random(f"{config.seed}:{i}")
-        fault = rng.choice(sorted(eligible[system]))
-        target = rng.choice(eligible[system][fault])
-        out.append(Scenario(system=system, fault=fault, target=target, seed=rng.randrange(2 ** 31), index=i))
-    return out, skipped
-
-
-# ---- shards ----------------------------------------------------------------------------------
-
-def shard_paths(out: str | Path) -> list[Path]:
-    return sorted((Path(out) / "shards").glob("part-*.jsonl"))
-
-
-def iter_records(out: str | Path) -> Iterator[dict]:
-    """Every complete record of every shard (a line cut by a kill is skipped: its episode
-    is run again by the next run)."""
-    for p in shard_paths(out):
-        with p.open() as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue
-
-
-def read_records(out: str | Path) -> dict[str, dict]:
-    """{id: record}; the first record of an id wins (a later one would be a duplicate)."""
-    got: dict[str, dict] = {}
-    for rec in iter_records(out):
-        got.setdefault(rec["id"], rec)
-    return got
-
-
-class ShardWriter:
-    """Appends records to `out/shards/part-<run>-<k>.jsonl`, a new file every `size` lines;
-    each line is flushed and synced before the next, so a killed run loses at most the one
-    line it was writing."""
-
-    def __init__(self, out: str | Path, size: int = 500, run: str | None = None):
-        self.dir = Path(out) / "shards"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.size = max(1, int(size))
-        self.run = run or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        self.k, self.n, self.f = 0, 0, None
-        self.paths: list[Path] = []
-
-    def write(self, rec: dict) -> None:
-        if self.f is None or self.n >= self.size:
-            self.close()
-            path = self.dir / f"part-{self.run}-{self.k:04d}.jsonl"
-            self.k += 1
-            self.n = 0
-            self.f = path.open("x")     # never an existing shard
-            self.paths.append(path)
-        self.f.write(json.dumps(rec, default=str) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.n += 1
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def plan(config: CollectConfig) -> tuple[list[Case], dict[str, str]]:
+    """The collection's cases, and the faults left out (name -> why). Every case runs on
+    the fleet's one backend: a host keeps sandboxes of a single backend."""
+    cases, skipped = sample_cases(config.systems, config.faults, config.episodes, config.seed,
+                                  (config.fleet.host.backend,))
+    return cases, {s.fault: s.reason for s in skipped}
 
 
 # ---- collecting ------------------------------------------------------------------------------
 
-def summarize(records: Iterable[dict]) -> dict:
-    per_fault: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    total: collections.Counter = collections.Counter()
-    stages: collections.Counter = collections.Counter()
-    for r in records:
-        f = r["scenario"]["fault"]
-        per_fault[f]["episodes"] += 1
-        per_fault[f][r["outcome"]] += 1
-        total["episodes"] += 1
-        total[r["outcome"]] += 1
-        if r["outcome"] != "success":
-            stages[f"{r['outcome']}@{r['stage']}"] += 1
-    keys = ("episodes", "success", "failure", "injection_failure", "infra_failure")
-    return {"schema": SCHEMA_VERSION, **{k: total.get(k, 0) for k in keys},
-            "per_fault": {f: {k: c.get(k, 0) for k in keys} for f, c in sorted(per_fault.items())},
-            "failure_stages": dict(stages)}
-
-
-def _check_resume(out: Path, config: CollectConfig) -> None:
-    saved = out / "collect.json"
-    if not saved.exists():
-        return
-    old = json.loads(saved.read_text())
-    new = json.loads(json.dumps(config.to_dict(), default=str))
-    # What decides the plan and how episodes are judged must match; sizes and addresses need not.
-    keys = ("policy", "systems", "faults", "seed")
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    if old.get("fleet", {}).get("host", {}).get("episode") != new["fleet"]["host"]["episode"]:
-        diff.append("episode settings")
-    if old.get("fleet", {}).get("host", {}).get("backend") != new["fleet"]["host"]["backend"]:
-        diff.append("backend")
-    if diff:
-        raise ValueError(f"{out} holds a collection with another {', '.join(diff)}; continue it with the same "
-                         f"settings or choose another --out")
+# What decides the plan and how episodes are judged must match on a rerun; sizes and addresses need not.
+RESUME_KEYS = ("policy", "systems", "faults", "seed", "fleet.host.episode", "fleet.host.backend")
 
 
 def collect(config: CollectConfig, *, fleet: Fleet | None = None,
@@ -244,32 +105,50 @@ def collect(config: CollectConfig, *, fleet: Fleet | None = None,
     used and left running."""
     from e2e_reme.simulators.policies import make_policy
     emit = on_event or (lambda kind, payload: None)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, config)
-    scenarios, skipped = plan(config)
-    done = read_records(out)
-    todo = [s for s in scenarios if s.id not in done]
-    emit("plan", (todo, [done[s.id] for s in scenarios if s.id in done], skipped))
-    (out / "collect.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    cases, skipped = plan(config)
+    store = RecordStore(config.out, sharded=True, shard_size=config.shard_size)
+    store.claim("collect.json", config.to_dict(), RESUME_KEYS, what="collection")
+    todo, done = store.pending(cases)
+    emit("plan", (todo, done, skipped))
     if todo:
         make_policy(config.policy, **config.policy_options)   # a bad policy fails before any sandbox
-        own = fleet is None
-        fleet = fleet or Fleet(config.fleet).start(progress=lambda s: emit("fleet", s))
-        emit("started", fleet)
-        try:
-            jobs = (Job(id=s.id, scenario=s, policy=config.policy, policy_options=dict(config.policy_options))
-                    for s in todo)
-            with ShardWriter(out, config.shard_size) as w:
-                for rec in fleet.run(jobs, on_event=emit):
-                    w.write(rec)
-                    emit("episode", rec)
-        finally:
-            if own:
-                fleet.shutdown()
-    records = read_records(out)
-    summary = summarize(records[s.id] for s in scenarios if s.id in records)
-    summary.update(planned=len(scenarios), complete=all(s.id in records for s in scenarios),
-                   skipped_faults=skipped, shards=[p.name for p in shard_paths(out)])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_on_fleet(todo, store, config, fleet, emit)
+    return _summarize(cases, skipped, store)
+
+
+def run_on_fleet(cases: list[Case], store: RecordStore, config: CollectConfig, fleet: Fleet | None, emit) -> None:
+    """Every case as a job of the fleet (started here, and shut down, unless one is given);
+    each record is appended to `store` as it arrives."""
+    own = fleet is None
+    fleet = fleet or Fleet(config.fleet).start(progress=lambda s: emit("fleet", s))
+    emit("started", fleet)
+    jobs = (Job(id=c.id, scenario=c.scenario, policy=config.policy, policy_options=dict(config.policy_options))
+            for c in cases)
+    try:
+        with store:
+            for rec in fleet.run(jobs, on_event=emit):
+                store.append(rec)
+                emit("episode", rec)
+    finally:
+        if own:
+            fleet.shutdown()
+
+
+def _summarize(cases: list[Case], skipped: dict[str, str], store: RecordStore) -> dict:
+    """Counts per outcome, overall and per fault, and where episodes that did not succeed
+    stopped (`outcome@stage`); written to out/summary.json."""
+    records = store.records(cases)
+    overall = stats(records, stage_of=lambda r: None if r["outcome"] == "success" else f"{r['outcome']}@{r['stage']}")
+    summary = {"schema": SCHEMA_VERSION, **_counts(overall),
+               "per_fault": {f: _counts(s) for f, s in sorted(per_group(records).items())},
+               "failure_stages": overall["failure_stages"], "planned": len(cases),
+               "complete": len(records) == len(cases), "skipped_faults": skipped,
+               "shards": [p.name for p in store.files()]}
+    store.write_json("summary.json", summary)
     return summary
+
+
+def _counts(s: dict) -> dict:
+    """The campaign's statistics as the fleet's summary names them: after the outcomes."""
+    return {"episodes": s["cases"], "success": s["successes"], "failure": s["failures"],
+            "injection_failure": s["injection_failures"], "infra_failure": s["infra_failures"]}

@@ -22,6 +22,8 @@ The report never leaks the harness: words that only the injector would use are r
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import json
 import re
 import time
@@ -200,13 +202,20 @@ def _metrics_safe(target) -> dict | None:
         return None
 
 
+def _all_metrics(targets: dict) -> dict:
+    # Side by side: a service behind a lossy link costs its 2 s timeout once, not once
+    # per service after it.
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
+        return dict(zip(targets, pool.map(_metrics_safe, targets.values())))
+
+
 def observe_system(sb: Sandbox, deployment: Any, window_s: float = 3.0) -> dict:
     """A short burst of the standard load, with each service's counters around it."""
     from .systems.loadgen import run_load
     targets = deployment.targets
-    before = {n: _metrics_safe(t) for n, t in targets.items()}
+    before = _all_metrics(targets)
     load = run_load(deployment, window_s=window_s, timeout_s=3.0)
-    after = {n: _metrics_safe(t) for n, t in targets.items()}
+    after = _all_metrics(targets)
     facts = probe_all(sb, targets)
     services = {}
     for name, t in targets.items():
@@ -321,7 +330,14 @@ def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str
     if level not in LEVELS:
         raise ValueError(f"report level '{level}': use one of {', '.join(LEVELS)}")
     faults = list(faults)
-    obs = observe_system(sb, deployment, window_s)
+    # What is read about the fault's target (its place, journal and, in a full report, the
+    # fault's evidence) is read on the node while the load window runs, not after it: the
+    # window is a wait, and the reads are the report's other slow part.
+    primary = faults[0] if faults and level != "minimal" else None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        about = pool.submit(_about_target, sb, deployment, primary, level) if primary else None
+        obs = observe_system(sb, deployment, window_s)
+        target, logs, evidence = about.result() if about else (None, [], None)
     call_graph = {n: list(t.dependencies) for n, t in deployment.targets.items()}
     placement: dict[str, list[str]] = {}
     for n, t in deployment.targets.items():
@@ -330,16 +346,17 @@ def build_report(sb: Sandbox, deployment: Any, faults: Iterable[Any], level: str
                   placement=placement, created_at=time.time())
     if level == "minimal" or not faults:
         return DiagnosisReport(symptoms=tuple(_scrub(_symptoms(obs, False))), **common)
-    primary = faults[0]
-    t = primary.target
-    target = target_info(sb, deployment, t.service)
-    logs = _journal(sb, t)
-    report = dict(common, symptoms=tuple(_scrub(_symptoms(obs, True))), service=t.service,
+    report = dict(common, symptoms=tuple(_scrub(_symptoms(obs, True))), service=primary.target.service,
                   target=target, logs=tuple(_scrub(logs)))
     if level == "full":
-        evidence = primary.describe(sb)
         report.update(category=primary.category, fault_kind=primary.name, evidence=_scrub(evidence))
     return DiagnosisReport(**report)
+
+
+def _about_target(sb: Sandbox, deployment: Any, fault: Any, level: str) -> tuple[dict, list[str], dict | None]:
+    t = fault.target
+    evidence = fault.describe(sb) if level == "full" else None
+    return target_info(sb, deployment, t.service), _journal(sb, t), evidence
 
 
 def _journal(sb: Sandbox, t, lines: int = 5) -> list[str]:

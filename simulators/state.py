@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -149,16 +150,21 @@ def allocate(name: str, backend: str, n_nodes: int, image_dir: str, image_hash: 
                                 "sandbox gc`), or set E2E_REME_SUBNET_POOL to a larger range")
         taken = {r.slot for r in records}
         slot = next(i for i in range(100000) if i not in taken and not slot_busy(i, net))
-        hosts = list(net.hosts())
         owner = None if detached else os.getpid()
         rec = SandboxRecord(
-            name=name, backend=backend, slot=slot, subnet=str(net), gateway=str(hosts[0]),
+            name=name, backend=backend, slot=slot, subnet=str(net), gateway=str(next(net.hosts())),
             image_dir=image_dir, image_hash=image_hash,
-            nodes=[NodeRecord(i, f"n{i}", f"{name}-n{i}", str(hosts[i + 1])) for i in range(n_nodes)],
+            nodes=[NodeRecord(i, f"n{i}", f"{name}-n{i}", ip) for i, ip in enumerate(node_addresses(net, n_nodes))],
             owner_pid=owner, owner_start=proc_start_time(owner) if owner else None,
             created_at=time.time())
         save(rec)
         return rec
+
+
+def node_addresses(net: ipaddress.IPv4Network, n: int) -> list[str]:
+    """The addresses of a sandbox's `n` nodes in its subnet: `.1` is the host's, nodes
+    count up from `.2`."""
+    return [str(ip) for ip in itertools.islice(net.hosts(), 1, n + 1)]
 
 
 def _subnets_on_host() -> set[str]:

@@ -1,6 +1,6 @@
 """`remed bench`: MicroRemed's easy suite with the expert runbook on nspawn reaches >= 95 %
 (faults this host cannot provide are skipped and named); the outputs are complete; a rerun
-resumes without redoing anything; cases are a pure function of the seed."""
+resumes without redoing anything. How cases are planned, kept and counted: test_campaign.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e_reme.simulators.benchmark import BenchConfig, list_suites, load_suite, make_cases, summarize, wilson
+from e2e_reme.simulators.benchmark import BenchConfig, summarize
+from e2e_reme.simulators.campaign import Skipped
 
 REMED = str(Path(sys.executable).parent / "remed")
 
@@ -24,40 +25,7 @@ def remed(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
     return subprocess.run([REMED, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-# ---- cases --------------------------------------------------------------------------------------
-
-def test_microremed_suites_are_shipped_with_their_sizes():
-    assert {"easy", "medium", "hard"} <= set(list_suites())
-    assert (len(load_suite("easy")), len(load_suite("medium")), len(load_suite("hard"))) == (23, 49, 80)
-
-
-def test_the_same_seed_gives_the_same_cases_and_another_seed_other_targets():
-    a, _ = make_cases("boutique", "medium", 7, "nspawn")
-    b, _ = make_cases("boutique", "medium", 7, "nspawn")
-    c, _ = make_cases("boutique", "medium", 8, "nspawn")
-    assert a == b
-    assert [x.target for x in a] != [x.target for x in c]
-
-
-def test_faults_unavailable_here_are_skipped_with_the_reason():
-    cases, skipped = make_cases("simple-micro", "easy", 0, "nspawn")
-    assert len(cases) + len(skipped) == 23
-    assert {s.fault for s in skipped} == {"network-delay"}
-    assert all("netem" in s.reason for s in skipped)
-
-
-@pytest.mark.parametrize("suite", ["nope", "/does/not/exist.txt"])
-def test_an_unknown_suite_lists_the_shipped_ones(suite):
-    with pytest.raises(ValueError, match="easy"):
-        load_suite(suite)
-
-
-def test_a_suite_file_with_an_unknown_fault_lists_the_catalog(tmp_path):
-    p = tmp_path / "s.txt"
-    p.write_text("cpu-stress\ncosmic-ray\n")
-    with pytest.raises(Exception, match="cpu-stress"):
-        load_suite(str(p))
-
+# ---- results ------------------------------------------------------------------------------------
 
 def test_injection_failures_count_against_the_rate_and_infra_failures_do_not():
     def r(fault, outcome):
@@ -70,10 +38,11 @@ def test_injection_failures_count_against_the_rate_and_infra_failures_do_not():
     assert res["per_fault"]["cpu-stress"]["success_rate"] == 0.5
 
 
-@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (5, 10), (0, 0)])
-def test_the_interval_contains_the_rate(k, n):
-    lo, hi = wilson(k, n)
-    assert 0 <= lo <= (k / n if n else 0.5) <= hi <= 1
+def test_a_fault_whose_every_case_was_skipped_has_a_row_with_its_count():
+    res = summarize([], [Skipped("network-delay", "no netem", 2), Skipped("network-delay", "no netem", 5)],
+                    BenchConfig())
+    assert res["skipped"] == 2 and res["per_fault"]["network-delay"]["skipped"] == 2
+    assert res["skipped_cases"][0] == {"index": 2, "fault": "network-delay", "reason": "no netem"}
 
 
 # ---- the real run -----------------------------------------------------------------------------

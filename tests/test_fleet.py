@@ -17,8 +17,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from e2e_reme.cluster import (CollectConfig, Fleet, FleetConfig, HostConfig, Job, Judge, NoSandboxHosts, collect,
-                              plan, plan_slots, read_records, reward_of)
-from e2e_reme.cluster.experience import ShardWriter, iter_records, shard_paths
+                              plan, plan_slots, reward_of)
+from e2e_reme.simulators.campaign import RecordStore
 from e2e_reme.simulators import list_sandboxes
 from e2e_reme.simulators.episode import EpisodeConfig, Scenario
 
@@ -31,7 +31,7 @@ def _ours() -> list[str]:
     return [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
 
 
-# ---- the plan and the shards: pure functions ---------------------------------------------------
+# ---- the plan: a pure function (the shards: test_campaign.py) ---------------------------------------------------
 
 def test_a_plan_is_a_pure_function_of_its_config():
     cfg = CollectConfig(episodes=12, systems=("simple-micro", "boutique"), seed=3)
@@ -39,13 +39,13 @@ def test_a_plan_is_a_pure_function_of_its_config():
     b, _ = plan(cfg)
     c, _ = plan(CollectConfig(episodes=12, systems=("simple-micro", "boutique"), seed=4))
     assert a == b and a != c
-    assert [s.system for s in a[:4]] == ["simple-micro", "boutique", "simple-micro", "boutique"]
+    assert [c.scenario.system for c in a[:4]] == ["simple-micro", "boutique", "simple-micro", "boutique"]
     assert len({s.id for s in a}) == 12
 
 
 def test_faults_the_backend_cannot_provide_are_left_out_with_the_reason():
     scenarios, skipped = plan(CollectConfig(episodes=30, faults=("network-delay", "cpu-stress")))
-    assert {s.fault for s in scenarios} == {"cpu-stress"}
+    assert {c.scenario.fault for c in scenarios} == {"cpu-stress"}
     assert "netem" in skipped["network-delay"]
 
 
@@ -61,19 +61,6 @@ def test_a_bad_collect_config_names_the_problem(bad, match):
 def test_slots_are_sized_from_cores_and_memory(cores, mem, expect):
     n, why = plan_slots(HostConfig(), cores=cores, memory_mib=mem)
     assert n == expect and "max_slots" in why
-
-
-def test_shards_are_append_only_and_a_cut_line_is_not_a_record(tmp_path):
-    with ShardWriter(tmp_path, size=2, run="a") as w:
-        for i in range(3):
-            w.write({"id": f"e{i}"})
-    assert [p.name for p in shard_paths(tmp_path)] == ["part-a-0000.jsonl", "part-a-0001.jsonl"]
-    with pytest.raises(FileExistsError):          # a new run never reopens an existing shard
-        with ShardWriter(tmp_path, size=2, run="a") as w:
-            w.write({"id": "again"})
-    with open(shard_paths(tmp_path)[-1], "a") as f:
-        f.write('{"id": "cut-by-a-kil')           # what a SIGKILL mid-write leaves
-    assert [r["id"] for r in iter_records(tmp_path)] == ["e0", "e1", "e2"]
 
 
 # ---- a real cluster ---------------------------------------------------------------------------
@@ -125,19 +112,20 @@ def test_collect_writes_shards_and_a_rerun_continues_where_it_stopped(fleet, tmp
     cfg = CollectConfig(episodes=2, faults=("pod-fail", "cpu-stress"), out=str(tmp_path), seed=1)
     first = collect(cfg, fleet=fleet)
     assert (first["episodes"], first["success"], first["complete"]) == (2, 2, True)
-    recs = read_records(tmp_path)
-    assert sorted(recs) == sorted(s.id for s in plan(cfg)[0])
+    store = RecordStore(tmp_path, sharded=True)
+    recs = store.done()
+    assert sorted(recs) == sorted(c.id for c in plan(cfg)[0])
     assert {r["host"]["node_id"] for r in recs.values()} <= {h.node_id for h in fleet.hosts}
     assert all(r["schema"] == 1 and r["verdict"]["success"] for r in recs.values())
-    before = {p: p.read_text() for p in shard_paths(tmp_path)}
+    before = {p: p.read_text() for p in store.files()}
     # A longer plan with the same settings runs only the new episodes, into a new shard.
     more = collect(CollectConfig(**{**cfg.__dict__, "episodes": 3}), fleet=fleet)
     assert (more["episodes"], more["planned"], more["complete"]) == (3, 3, True)
     assert all(p.read_text() == text for p, text in before.items())       # never rewritten
-    assert len(shard_paths(tmp_path)) == len(before) + 1
-    assert len(list(iter_records(tmp_path))) == 3                          # nothing ran twice
+    assert len(store.files()) == len(before) + 1
+    assert len(list(store)) == 3                                           # nothing ran twice
     # And Ray Data reads the shards as they are.
-    assert ray.data.read_json([str(p) for p in shard_paths(tmp_path)]).count() == 3
+    assert ray.data.read_json([str(p) for p in store.files()]).count() == 3
 
 
 def test_a_group_runs_every_playbook_from_the_same_starting_state(fleet):

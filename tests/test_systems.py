@@ -20,7 +20,7 @@ from e2e_reme.simulators.errors import DeployError, NotDeployed, UnknownSystem
 from e2e_reme.simulators.systems.deploy import (load_deployment, metrics, probe, probe_all, request_entry,
                                                 verify_seed, wait_healthy)
 from e2e_reme.simulators.systems.deploy import deploy as deploy_system
-from e2e_reme.simulators.systems.loadgen import BackgroundLoad, check_slo, disruption, run_load
+from e2e_reme.simulators.systems.loadgen import BackgroundLoad, check_slo, disruption, failure_budget, run_load
 from e2e_reme.simulators.systems.spec import SpecError, list_systems, load_system, parse_spec
 
 REMED = str(Path(sys.executable).parent / "remed")
@@ -282,6 +282,27 @@ def test_redis_down_makes_its_users_unhealthy_and_its_seed_survives_a_restart(bo
         sb.exec(f"systemctl start {redis.unit}", node=redis.node)
     wait_healthy(sb, dep, timeout_s=20)
     assert verify_seed(sb, dep) == []
+
+
+def test_a_load_with_a_failure_budget_stops_once_the_budget_is_spent(boutique):
+    sb, dep = boutique
+    redis = dep.targets["redis-cart"]
+    sb.exec(f"systemctl stop {redis.unit}", node=redis.node)   # every cart request fails
+    try:
+        res = run_load(dep, seed=3, max_failures=failure_budget(dep.slo))
+    finally:
+        sb.exec(f"systemctl start {redis.unit}", node=redis.node)
+    wait_healthy(sb, dep, timeout_s=20)
+    assert not check_slo(res, dep.slo).ok
+    # Stopped at the first failure past the budget, long before the window's end.
+    assert res.sent < dep.slo.rps * dep.slo.window_s / 2 and res.duration_s < dep.slo.window_s / 2, res
+
+
+def test_the_failure_budget_is_the_most_failures_that_still_meet_the_slo():
+    slo = load_system("simple-micro").slo
+    n = round(slo.rps * slo.window_s)
+    k = failure_budget(slo)
+    assert (n - k) / n >= slo.success_rate > (n - k - 1) / n
 
 
 def test_seed_loss_is_detected(boutique):

@@ -2,7 +2,8 @@
 
 Source. Episode records (`simulators.episode.EpisodeRecord.to_dict()`, one schema) from a
 `remed bench` run (`<dir>/episodes.jsonl`), a fleet collection (`<dir>/shards/*.jsonl`), a
-JSONL file, or a directory holding any number of those. An SFT trace is an episode of the
+JSONL file, or a directory holding any number of those, read through the campaign's records
+store (`simulators.campaign.RecordStore`). An SFT trace is an episode of the
 expert runbook policy that the verifier judged a success: its full-detail report and the
 playbook that fixed the live system.
 
@@ -93,50 +94,17 @@ class DataConfig:
 
 # ---- reading episode records --------------------------------------------------------------------
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    with path.open() as f:
-        for line in f:
-            if not line.endswith("\n") or not line.strip():
-                continue        # a line cut by a kill mid-write
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "scenario" in rec:
-                yield rec
-
-
-def episode_files(path: str | Path) -> list[Path]:
-    """The JSONL files of episode records at `path`: a file, a bench run, a fleet
-    collection, or a directory of those (searched two levels deep)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        return []
-    if (p / "episodes.jsonl").is_file():
-        return [p / "episodes.jsonl"]
-    if (p / "shards").is_dir():
-        return sorted((p / "shards").glob("part-*.jsonl"))
-    out: list[Path] = []
-    for sub in sorted(q for q in p.iterdir() if q.is_dir()):
-        if (sub / "episodes.jsonl").is_file():
-            out.append(sub / "episodes.jsonl")
-        elif (sub / "shards").is_dir():
-            out += sorted((sub / "shards").glob("part-*.jsonl"))
-    return out
-
-
 def read_episodes(paths: Iterable[str | Path]) -> list[dict]:
-    """Every record under `paths`, once each (the same episode read twice counts once)."""
+    """Every episode record under `paths` (each a JSONL file, a bench run, a fleet collection,
+    or a directory of those), once each: the same episode read twice counts once."""
+    from e2e_reme.simulators.campaign import RecordStore
     seen, out = set(), []
     for path in paths:
-        for f in episode_files(path):
-            for rec in _read_jsonl(f):
-                key = (rec.get("id"), rec.get("started_at"), rec.get("sandbox"))
-                if key not in seen:
-                    seen.add(key)
-                    out.append(rec)
+        for rec in (r for store in RecordStore.find(path) for r in store):
+            key = (rec.get("id"), rec.get("started_at"), rec.get("sandbox"))
+            if "scenario" in rec and key not in seen:
+                seen.add(key)
+                out.append(rec)
     return out
 
 

@@ -36,7 +36,9 @@ def bench(system: str = typer.Option(None, "--system", help="System to deploy (r
                                           help="Environment variable holding the API key (default OPENAI_API_KEY)."),
           max_trials: int = typer.Option(None, "--max-trials", help="think: trial budget."),
           temperature: float = typer.Option(None, "--temperature"),
-          backend: str = typer.Option(None, "--backend", help="nspawn | libvirt. [nspawn]"),
+          backend: str = typer.Option(None, "--backend",
+                                      help="nspawn | libvirt | both, as nspawn,libvirt: a case runs on the first "
+                                           "that provides its fault here. [nspawn]"),
           parallel: int = typer.Option(None, "--parallel", "-j", help="Sandboxes run side by side. [1]"),
           seed: int = typer.Option(None, "--seed", help="Seeds the target of each case. [0]"),
           out: Path = typer.Option(None, "--out", help="Results directory. [runs/bench]"),
@@ -122,6 +124,8 @@ def print_results(results: dict, out: Path) -> None:
         console.print(f"[yellow]skipped[/] case {s['index']} ({s['fault']}): {s['reason']}")
     if len(results["skipped_cases"]) > 3:
         console.print(f"[yellow]skipped[/] {len(results['skipped_cases']) - 3} more (see results.json)")
+    if results.get("cases_per_backend"):
+        console.print("cases per backend: " + ", ".join(f"{b} {n}" for b, n in results["cases_per_backend"].items()))
     if results["infra_failures"]:
         console.print(f"[yellow]{results['infra_failures']} infrastructure failure(s)[/] are left out of the rate")
     console.print(f"results: {out / 'results.json'}  episodes: {out / 'episodes.jsonl'}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import math
 import queue
 import random
 import socket
@@ -135,6 +136,8 @@ class _Driver:
         self.stop_sending = threading.Event()
         self.scheduled = 0
         self.completed = 0
+        self.failures = 0
+        self.max_failures: int | None = None   # more than this ends the sending early
         self.t0 = 0.0
         self.t_end = 0.0
         self.threads: list[threading.Thread] = []
@@ -203,6 +206,9 @@ class _Driver:
                                        kind == "ok", kind))
             with self.lock:
                 self.completed += 1
+                self.failures += kind != "ok"
+                if self.max_failures is not None and self.failures > self.max_failures:
+                    self.stop_sending.set()
         if conn is not None:
             conn.close()
 
@@ -218,16 +224,30 @@ class _Driver:
         return summarize(list(self.samples), self.rps, duration, unsent)
 
 
+def _requests(rps: float, window_s: float) -> int:
+    return max(1, int(round(rps * window_s)))
+
+
+def failure_budget(slo: SLO) -> int:
+    """The most failed requests of the standard load (the SLO's rate for its window) that
+    still meet the SLO's success rate."""
+    return int(math.floor(_requests(slo.rps, slo.window_s) * (1 - slo.success_rate) + 1e-9))
+
+
 def run_load(dep: Deployment, *, rps: float | None = None, window_s: float | None = None,
              mix: dict[str, float] | None = None, timeout_s: float = 5.0, users: int = DEFAULT_USERS,
-             workers: int | None = None, seed: int | None = None) -> LoadResult:
+             workers: int | None = None, seed: int | None = None,
+             max_failures: int | None = None) -> LoadResult:
     """Send `rps` requests per second (default: the SLO's standard load) for `window_s`
-    seconds to the entry and wait for the answers (at most `timeout_s` more)."""
+    seconds to the entry and wait for the answers (at most `timeout_s` more). With
+    `max_failures`, one failure more than that ends the sending early: for a pass/fail
+    judgement by success rate the rest of the window could not change the answer."""
     rps = rps or dep.slo.rps
     window_s = window_s or dep.slo.window_s
-    n = max(1, int(round(rps * window_s)))
+    n = _requests(rps, window_s)
     workers = workers or max(4, min(64, int(rps * timeout_s / 4) + 4))
     d = _Driver(dep, rps, mix, timeout_s, users, workers, n, seed, keep=n)
+    d.max_failures = max_failures
     d.start()
     # The scheduler stops by itself after n requests; wait for it, then for the answers.
     d.threads[-1].join(window_s + 1)
