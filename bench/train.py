@@ -74,7 +74,7 @@ def prompt_lengths(model_dir: str) -> dict:
     tests/test_train_format.py, with the runbook's answer."""
     from transformers import AutoTokenizer
 
-    from e2e_reme.simulators.runbook import expert_playbook
+    from e2e_reme.simulators.policies.expert import expert_playbook
     from e2e_reme.train.format import answer_text, build_messages, encode_example
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "tests"))
@@ -115,10 +115,8 @@ def measure_pretrained(spec: dict) -> dict:
     A = len(ex["input_ids"]) - ex["prompt_len"]
     out.update(prompt_tokens=ex["prompt_len"], answer_tokens=A, example=f"{ex['system']}/{ex['fault']}")
     if spec["what"] == "train":
-        from dataclasses import asdict
-
         from e2e_reme.train.sft import LoraConfig, with_lora
-        model = with_lora(model, asdict(LoraConfig(top_layers=spec.get("lora_top_layers"))))
+        model = with_lora(model, LoraConfig(top_layers=spec.get("lora_top_layers")))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         from e2e_reme.train.sft import answer_loss

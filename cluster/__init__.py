@@ -16,7 +16,7 @@ experience.py (`remed fleet collect`) and judge.py (completions judged by execut
 from .errors import FleetError, HostStartFailed, NoSandboxHosts, RayUnavailable
 from .experience import CollectConfig, collect, plan
 from .fleet import RESOURCE, Fleet, FleetConfig
-from .host import HostConfig, Job, SandboxHost, plan_slots
+from .sandbox_host import HostConfig, Job, SandboxHost, plan_slots
 from .judge import Judge, Judgement, reward_of
 
 __all__ = ["CollectConfig", "Fleet", "FleetConfig", "FleetError", "HostConfig", "HostStartFailed", "Job", "Judge",

@@ -28,12 +28,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from e2e_reme.config import check_keys
+from e2e_reme.config import build
 from e2e_reme.simulators.campaign import Case, RecordStore, per_group, sample_cases, stats
 from e2e_reme.simulators.episode import SCHEMA_VERSION
 
 from .fleet import Fleet, FleetConfig
-from .host import HostConfig, Job
+from .sandbox_host import Job
 
 MICROREMED_FAULTS = ("cpu-stress", "memory-stress", "disk-io", "network-delay", "network-loss", "pod-fail",
                      "config-error")
@@ -60,25 +60,8 @@ class CollectConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CollectConfig":
         """From YAML/JSON: nested fleet, host and episode sections become their dataclasses;
-        an unknown key is an error that lists the known ones."""
-        from e2e_reme.simulators.episode import EpisodeConfig
-        d = dict(d)
-        check_keys("collect config", d, cls)
-        fleet = dict(d.get("fleet") or {})
-        check_keys("fleet config", fleet, FleetConfig)
-        host = dict(fleet.get("host") or {})
-        check_keys("fleet.host config", host, HostConfig)
-        episode = dict(host.get("episode") or {})
-        check_keys("fleet.host.episode config", episode, EpisodeConfig)
-        if "systems" in host:
-            host["systems"] = tuple(host["systems"])
-        host["episode"] = EpisodeConfig(**episode)
-        fleet["host"] = HostConfig(**host)
-        d["fleet"] = FleetConfig(**fleet)
-        for k in ("systems", "faults"):
-            if k in d:
-                d[k] = tuple([d[k]] if isinstance(d[k], str) else d[k])
-        return cls(**d)
+        every unknown key is reported in one error that lists the known ones."""
+        return build(cls, d, "collect config")
 
 
 # ---- the plan ----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator
 from e2e_reme.simulators.episode import Scenario
 
 from .errors import FleetError, HostStartFailed, NoSandboxHosts, RayUnavailable
-from .host import HostConfig, Job, SandboxHost, lost_record
+from .sandbox_host import HostConfig, Job, SandboxHost, lost_record
 
 RESOURCE = "sandbox_host"
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from e2e_reme.simulators.episode import Scenario
 
-from .host import Job
+from .sandbox_host import Job
 
 # Who a record's outcome is on. "none": a success.
 BLAME = {"success": "none", "failure": "policy", "injection_failure": "infrastructure",

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from e2e_reme.config import check_keys
+from e2e_reme.config import build
 
 DEFAULT_TOKEN_ENV = "REMED_SERVE_TOKEN"
 
@@ -62,10 +62,6 @@ class ServeConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "ServeConfig":
         d = dict(d or {})
-        check_keys("serve config", d, cls)
-        if "sandboxes" in d:
-            s = d["sandboxes"]
-            d["sandboxes"] = (s,) if isinstance(s, str) else tuple(str(x) for x in s or ())
         for k in ("port", "num_replicas", "max_ongoing_requests", "max_batch_size", "max_tokens",
                   "max_tokens_limit", "max_body_bytes"):
             if k in d and d[k] is not None:
@@ -73,7 +69,7 @@ class ServeConfig:
                     d[k] = int(d[k])
                 except (TypeError, ValueError):
                     raise ServeConfigError(f"serve config: {k} must be an integer, not {d[k]!r}") from None
-        cfg = cls(**d)
+        cfg = build(cls, d, "serve config", ServeConfigError)
         cfg.check()
         return cfg
 

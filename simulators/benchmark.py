@@ -33,7 +33,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from e2e_reme.config import check_keys
+from e2e_reme.config import build
 
 from .campaign import (Case, RecordStore, Skipped, make_cases, parse_backends, per_group, publish, run_local,
                        stats)
@@ -59,12 +59,7 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BenchConfig":
-        check_keys("bench config", d, cls)
-        d = dict(d)
-        if isinstance(d.get("episode"), dict):
-            check_keys("bench config: episode", d["episode"], EpisodeConfig)
-            d["episode"] = EpisodeConfig(**d["episode"])
-        return cls(**d)
+        return build(cls, d, "bench config")
 
     def to_dict(self) -> dict:
         d = asdict(self)

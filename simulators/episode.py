@@ -41,7 +41,7 @@ from .faults.base import get_fault
 from .policies.base import Policy, PolicyContext, TrialFeedback
 from .reports import add_noise, build_report
 from .sandbox import Sandbox
-from .systems.deploy import Deployment, probe_all as probe_services, wait_healthy
+from .systems.deploy import Deployment, health_all, wait_healthy
 from .verifier import take_baseline, verify
 
 SCHEMA_VERSION = 1
@@ -132,7 +132,7 @@ def weak_health(sb: Sandbox, deployment: Deployment, window_s: float = 2.0) -> d
     error rate of a short burst through the entry. Deliberately weaker than the verifier
     (no fault ground truth, no integrity, no seed data, no SLO window)."""
     from .systems.loadgen import run_load
-    probes = probe_services(deployment.targets, timeout=2.0)
+    probes = health_all(deployment.targets, timeout=2.0)
     load = run_load(deployment, window_s=window_s, timeout_s=3.0)
     services = {n: ("healthy" if p.ok else f"unhealthy ({p.detail[:80]})") for n, p in probes.items()}
     error_rate = round(1 - load.success_rate, 3)
@@ -149,7 +149,7 @@ def _settle(sb: Sandbox, deployment: Deployment, fault, timeout_s: float) -> flo
     t0 = time.monotonic()
     look_at = t0 + 2.0
     while time.monotonic() - t0 < timeout_s:
-        if all(p.ok for p in probe_services(deployment.targets, timeout=1.0).values()):
+        if all(p.ok for p in health_all(deployment.targets, timeout=1.0).values()):
             break
         if time.monotonic() >= look_at:
             if _nothing_pending(sb) and fault.is_active(sb):

@@ -80,7 +80,7 @@ class DiagnosisReport:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def runbook_input(self) -> dict:
-        """The expert runbook's input (simulators.runbook); only a full report has it."""
+        """The expert runbook's input (policies/expert.py); only a full report has it."""
         if self.level != "full" or not self.target:
             raise ValueError(f"the runbook needs a full report, not '{self.level}'")
         return {"service": self.service, "fault_kind": self.fault_kind, **self.target,

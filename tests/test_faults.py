@@ -30,8 +30,8 @@ from e2e_reme.simulators.ansible import run_playbook
 from e2e_reme.simulators.errors import FaultError, FaultUnavailable, UnknownFault
 from e2e_reme.simulators.faults import (Fault, fault_available, fault_catalog, forget_faults,
                                         get_fault, injected_faults, make_fault, recover_all)
-from e2e_reme.simulators.runbook import RunbookInput, covered_kinds, expert_playbook
-from e2e_reme.simulators.systems.deploy import deploy, probe, request_entry, verify_seed, wait_healthy
+from e2e_reme.simulators.policies.expert import RunbookInput, covered_kinds, expert_playbook
+from e2e_reme.simulators.systems.deploy import deploy, health, request_entry, verify_seed, wait_healthy
 
 REMED = str(Path(sys.executable).parent / "remed")
 TIMINGS: dict[str, dict] = {}
@@ -56,13 +56,13 @@ class Env:
     def clean(self) -> None:
         """Back to the deployed, healthy state if a test left anything behind."""
         left = injected_faults(self.sb)
-        healthy = all(probe(t, timeout=2).ok for t in self.targets.values())
+        healthy = all(health(t, timeout=2).ok for t in self.targets.values())
         if left or not healthy:
             try:
                 recover_all(self.sb)
             except Exception:
                 pass
-            if not all(probe(t, timeout=2).ok for t in self.targets.values()):
+            if not all(health(t, timeout=2).ok for t in self.targets.values()):
                 self.sb.reset()
             forget_faults(self.sb)
         wait_healthy(self.sb, self.dep, timeout_s=60)
@@ -136,7 +136,7 @@ def snapshot(env, target) -> dict:
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(2 + len(env.dep.request_mix)) as pool:
         unit = pool.submit(lambda: env.sb.exec(f"systemctl is-active {target.unit}", node=target.node).stdout.strip())
-        h = pool.submit(probe, target, 3)
+        h = pool.submit(health, target, 3)
         entry = {rt: pool.submit(sample, env.dep, rt) for rt in env.dep.request_mix}
         h = h.result()
         return {"unit": unit.result(), "health": h.ok, "health_detail": f"{h.status} {h.detail}"[:120],
@@ -374,7 +374,7 @@ def test_record_and_cli_status_and_recover(m):
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["active"] is True
-    assert not probe(m.targets["time-service"]).ok
+    assert not health(m.targets["time-service"]).ok
     # Another process rebuilds the fault from the record and reads its ground truth.
     code = ("import json,sys; from e2e_reme.simulators import attach; "
             "from e2e_reme.simulators.faults import injected_faults; sb = attach(sys.argv[1]); "

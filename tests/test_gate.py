@@ -13,7 +13,7 @@ import yaml
 
 from e2e_reme.simulators.faults import fault_catalog
 from e2e_reme.simulators.gate import RULES, GateResult, Violation, check_playbook, check_text
-from e2e_reme.simulators.runbook import RunbookInput, expert_playbook
+from e2e_reme.simulators.policies.expert import RunbookInput, expert_playbook
 from e2e_reme.simulators.systems.target import ServiceTarget
 
 HOSTS = ("n0", "n1")

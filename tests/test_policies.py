@@ -198,7 +198,7 @@ def test_make_model_specs(tmp_path, scripted):
     srv, _ = scripted([])
     assert make_model(None, base_url=srv.base_url).name == "scripted"       # the endpoint's first model
     assert make_model("other", base_url=srv.base_url).name == "other"
-    with pytest.raises(ValueError, match=f"model directory {tmp_path}: no config.json"):
+    with pytest.raises(ValueError, match=f"model directory {tmp_path}: missing config.json"):
         make_model(str(tmp_path))
     with pytest.raises(ValueError, match="not found"):
         TransformersChatModel(tmp_path / "missing")

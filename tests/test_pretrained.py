@@ -102,14 +102,13 @@ def test_one_lora_step_changes_the_adapter_and_lowers_the_loss(gemma_dir):
 
     from e2e_reme.train.format import encode_example
     from e2e_reme.train.sft import LoraConfig, answer_loss, with_lora
-    from dataclasses import asdict
 
     tok = AutoTokenizer.from_pretrained(str(gemma_dir), local_files_only=True)
     ex = encode_example(tok, [{"role": "user", "content": SHORT_REPORT}], SHORT_ANSWER)
     ids, a = torch.tensor([ex.input_ids]), ex.answer_len
     torch.manual_seed(0)
     model = with_lora(AutoModelForCausalLM.from_pretrained(str(gemma_dir), local_files_only=True,
-                                                           dtype=torch.float32), asdict(LoraConfig(dropout=0.0)))
+                                                           dtype=torch.float32), LoraConfig(dropout=0.0))
     model.train()
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)

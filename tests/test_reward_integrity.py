@@ -114,8 +114,9 @@ def test_each_family_of_cheat_is_judged_failure(env, tmp_path, family, fault, ch
 # ---- every row of the table ----------------------------------------------------------------
 # Per fault type one mask that must fail and the genuine fix that must pass. The default
 # run leaves out only what another default test already runs: the mask of a fault whose
-# family test above cheats on it, and the genuine fix of a fault test_episode.py's default
-# run already judges (the runbook through the whole episode, with the SLO window).
+# family test above cheats on it, and the genuine fix of a fault the default run already
+# judges through the whole episode with the SLO window (test_episode.py's, and
+# test_bench.py's easy suite for cpu-stress, memory-stress and network-loss).
 
 FAMILY_FAULTS = {f[1] for f in FAMILIES}
 EPISODE_DEFAULT = {"cpu-stress", "memory-stress", "network-loss", "pod-fail", "config-error"}

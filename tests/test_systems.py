@@ -17,7 +17,7 @@ import pytest
 from e2e_reme.simulators import create_sandbox
 from e2e_reme.simulators.ansible import run_playbook
 from e2e_reme.simulators.errors import DeployError, NotDeployed, UnknownSystem
-from e2e_reme.simulators.systems.deploy import (load_deployment, metrics, probe, probe_all, request_entry,
+from e2e_reme.simulators.systems.deploy import (health, health_all, load_deployment, metrics, request_entry,
                                                 verify_seed, wait_healthy)
 from e2e_reme.simulators.systems.deploy import deploy as deploy_system
 from e2e_reme.simulators.systems.loadgen import BackgroundLoad, check_slo, disruption, failure_budget, run_load
@@ -187,7 +187,7 @@ def test_every_unit_is_active_and_every_service_healthy(deployed):
         units = dep.units(node)
         res = sb.exec(["systemctl", "is-active", *units], node=node)
         assert res.stdout.split() == ["active"] * len(units), res.stdout
-    for name, p in probe_all(dep.targets).items():
+    for name, p in health_all(dep.targets).items():
         assert p.ok, (name, p)
         if dep.targets[name].kind == "http":
             assert (p.status, p.token) == (200, dep.token)
@@ -273,9 +273,9 @@ def test_redis_down_makes_its_users_unhealthy_and_its_seed_survives_a_restart(bo
     redis, cart = dep.targets["redis-cart"], dep.targets["cartservice"]
     sb.exec(f"systemctl stop {redis.unit}", node=redis.node)
     try:
-        p = probe(cart)
+        p = health(cart)
         assert (p.ok, p.status) == (False, 503) and "redis redis-cart does not answer" in p.detail
-        assert probe(dep.targets["frontend"]).ok       # health does not cascade
+        assert health(dep.targets["frontend"]).ok       # health does not cascade
         status, body = request_entry(dep, "add_to_cart")
         assert status == 502 and "redis redis-cart" in body["error"]
     finally:
@@ -374,7 +374,7 @@ def test_deploying_again_replaces_the_deployment(micro):
     sb, dep = micro
     again = deploy_system(sb, "simple-micro")
     assert again.token != dep.token
-    assert {p.token for p in probe_all(again.targets).values()} == {again.token}
+    assert {p.token for p in health_all(again.targets).values()} == {again.token}
     assert load_deployment(sb).token == again.token
 
 
@@ -393,7 +393,7 @@ def test_train_ticket_deploys_serves_its_mix_and_meets_its_slo(image):
         mib = [sb.node_memory_mib(i) for i in range(spec.nodes)]
         print(f"\ntrain-ticket: {len(dep.targets)} services deployed in {took:.1f} s "
               f"(playbook {dep.timings['playbook']:.1f} s); node memory MiB {[round(m) for m in mib]}")
-        assert all(p.ok for p in probe_all(dep.targets).values())
+        assert all(p.ok for p in health_all(dep.targets).values())
         assert verify_seed(sb, dep) == []
         res = run_load(dep, seed=11)
         assert check_slo(res, dep.slo).ok, res

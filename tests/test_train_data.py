@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from e2e_reme.simulators.reports import at_level
-from e2e_reme.simulators.runbook import expert_playbook
+from e2e_reme.simulators.policies.expert import expert_playbook
 from e2e_reme.train.data import (AugmentConfig, DataConfig, HoldoutConfig, augment_trace, build_sft_data,
                                  is_trace, read_episodes)
 from e2e_reme.train.errors import NoTrainingData

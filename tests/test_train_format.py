@@ -89,7 +89,7 @@ def test_an_answer_without_a_playbook_extracts_to_none():
 # network, config), one report per fault type of the runbook's catalog, plus the recorded ones.
 
 from e2e_reme.simulators.reports import DiagnosisReport  # noqa: E402
-from e2e_reme.simulators.runbook import covered_kinds, expert_playbook  # noqa: E402
+from e2e_reme.simulators.policies.expert import covered_kinds, expert_playbook  # noqa: E402
 
 UNIT = "remed-orders.service"
 TARGET = {"node": "n1", "unit": UNIT, "config_path": "/etc/remed/orders.yaml", "data_dir": "/var/lib/remed/orders",

@@ -107,7 +107,7 @@ def test_batches_are_a_deterministic_stream_of_epochs():
 
 
 def test_the_learning_rate_warms_up_then_decays():
-    t = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(110, t) == pytest.approx(0.1) and lr_at(60, t) == pytest.approx(0.55)
 

@@ -11,41 +11,33 @@ for each entry, so a run started either way resumes the other. The fleet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import TrainError
-from .model import check_keys
+from e2e_reme.config import build
 
 
 @dataclass(frozen=True)
-class CollectRun:
+class TraceRun:
     system: str
     suite: str = "easy"
     seeds: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
-class CollectConfig:
+class TracesConfig:
+    """The `collect:` section of an SFT config: which runbook bench runs make the traces.
+    (Not the fleet's `cluster.CollectConfig`, which samples cases for any policy.)"""
     out: str = "runs/sft-data"
-    runs: tuple[CollectRun, ...] = ()
+    runs: tuple[TraceRun, ...] = ()
     backend: str = "nspawn"
     parallel: int = 1
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CollectConfig":
-        d = dict(d or {})
-        check_keys("collect config", d, cls)
-        runs = []
-        for r in d.get("runs") or []:
-            check_keys("collect config: runs[]", r, CollectRun)
-            r = dict(r)
-            if "seeds" in r:
-                r["seeds"] = tuple(int(s) for s in (r["seeds"] if isinstance(r["seeds"], (list, tuple)) else [r["seeds"]]))
-            runs.append(CollectRun(**r))
-        d["runs"] = tuple(runs)
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> "TracesConfig":
+        return build(cls, d, "collect config", TrainError)
 
     def bench_configs(self) -> list:
         from e2e_reme.simulators.benchmark import BenchConfig
@@ -57,7 +49,7 @@ class CollectConfig:
                 for r in self.runs for s in r.seeds]
 
 
-def collect(config: CollectConfig, *, on_event: Callable[[str, Any], None] | None = None) -> list[dict]:
+def collect_traces(config: TracesConfig, *, on_event: Callable[[str, Any], None] | None = None) -> list[dict]:
     """Run (or resume) every bench run of the plan; return their results."""
     from e2e_reme.simulators.benchmark import run_bench
     emit = on_event or (lambda kind, payload: None)

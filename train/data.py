@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import NoTrainingData, TrainError
 from .format import answer_text, build_messages
-from .model import check_keys
+from e2e_reme.config import build
 
 LEVELS = ("full", "symptoms", "minimal")
 
@@ -57,6 +57,11 @@ class AugmentConfig:
     levels: Mapping[str, float] = field(default_factory=lambda: {"full": 1.0})   # share of copies per level
     seed: int = 0
 
+    def __post_init__(self):
+        bad = sorted(set(self.levels) - set(LEVELS))
+        if bad:
+            raise TrainError(f"data config: augment.levels has unknown levels {bad}; use {list(LEVELS)}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -69,27 +74,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
-        d = dict(d or {})
-        check_keys("data config", d, cls)
-        if isinstance(d.get("episodes"), (list, tuple)):
-            d["episodes"] = tuple(str(p) for p in d["episodes"])
-        elif isinstance(d.get("episodes"), str):
-            d["episodes"] = (d["episodes"],)
-        if isinstance(d.get("faults"), (list, tuple)):
-            d["faults"] = tuple(d["faults"])
-        if isinstance(d.get("holdout"), Mapping):
-            check_keys("data config: holdout", d["holdout"], HoldoutConfig)
-            d["holdout"] = HoldoutConfig(**{k: tuple(v) for k, v in d["holdout"].items()})
-        if isinstance(d.get("augment"), Mapping):
-            check_keys("data config: augment", d["augment"], AugmentConfig)
-            a = dict(d["augment"])
-            if "levels" in a:
-                bad = sorted(set(a["levels"]) - set(LEVELS))
-                if bad:
-                    raise TrainError(f"data config: augment.levels has unknown levels {bad}; use {list(LEVELS)}")
-                a["levels"] = dict(a["levels"])
-            d["augment"] = AugmentConfig(**a)
-        return cls(**d)
+        return build(cls, d, "data config", TrainError)
 
 
 # ---- reading episode records --------------------------------------------------------------------

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from e2e_reme.config import build
+
 from .errors import TrainError
 
 # Where a failed episode stopped, as the issue names the stages.
@@ -53,12 +55,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EvalConfig":
-        from .model import check_keys
-        d = dict(d or {})
-        check_keys("eval config", d, cls)
-        if "seeds" in d:
-            d["seeds"] = tuple(int(s) for s in (d["seeds"] if isinstance(d["seeds"], (list, tuple)) else [d["seeds"]]))
-        return cls(**d)
+        return build(cls, d, "eval config", TrainError)
 
 
 def eval_cases(config: EvalConfig, holdout) -> tuple[list, list[dict]]:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from e2e_reme.config import check_keys as _check_keys
+from e2e_reme.config import build
+from e2e_reme.simulators.policies.models import check_model_dir as _check_model_dir
 
 from .errors import ModelDirError, TrainError
 
@@ -42,9 +43,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -89,23 +87,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        d = dict(d or {})
-        check_keys("model config", d, cls)
-        if isinstance(d.get("tokenizer"), Mapping):
-            check_keys("model config: tokenizer", d["tokenizer"], TokenizerConfig)
-            d["tokenizer"] = TokenizerConfig(**d["tokenizer"])
-        if isinstance(d.get("corpus"), Mapping):
-            check_keys("model config: corpus", d["corpus"], CorpusConfig)
-            d["corpus"] = CorpusConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["corpus"].items()})
-        return cls(**d)
+        return build(cls, d, "model config", TrainError)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_keys(where: str, d: Mapping[str, Any], cls) -> None:
-    """The project's unknown-key check, raising a TrainError."""
-    _check_keys(where, d, cls, TrainError)
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------
@@ -189,31 +174,8 @@ def count_parameters(model) -> int:
 # ---- loading any local model ----------------------------------------------------------------
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """A directory `from_pretrained` can load without a network: config.json, weights and a
-    tokenizer. The error names the path and what is missing."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ModelDirError(f"model directory {p}: not found; give a local Hugging Face model directory, import "
-                            f"the pretrained Gemma 3 270M with `remed model import`, or make a tiny one with "
-                            f"`remed model init --config configs/model-tiny.yaml --out {p}`")
-    missing = []
-    if not (p / "config.json").is_file():
-        missing.append("config.json")
-    if not any((p / f).is_file() for f in WEIGHT_FILES):
-        missing.append("weights (model.safetensors or pytorch_model.bin, or their .index.json)")
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-    if missing:
-        raise ModelDirError(f"model directory {p}: missing {', '.join(missing)}; a model directory is what "
-                            f"save_pretrained() writes for the model and its tokenizer")
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"model directory {p}: config.json is not readable JSON ({e})") from None
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise ModelDirError(f"model directory {p}: config.json has no model_type; it was not written by "
-                            f"save_pretrained()")
-    return p
+    """The benchmark's model-directory check (simulators.policies.models), as a ModelDirError."""
+    return _check_model_dir(path, ModelDirError)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -3,13 +3,14 @@ file plus `key=value` overrides by one loader, saved whole beside the run's resu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+
+from e2e_reme.cluster.fleet import FleetConfig
+from e2e_reme.config import load
 
 from .data import DataConfig
 from .errors import TrainError
-from .model import check_keys
 from .objective import ALGORITHMS, SCALES
 from .sft import LoraConfig
 
@@ -59,7 +60,7 @@ class RLConfig:
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     update: UpdateConfig = UpdateConfig()
-    fleet: Any = None                  # cluster.FleetConfig (None: its defaults)
+    fleet: FleetConfig = FleetConfig() # the sandboxes that judge the completions
 
     def check(self) -> None:
         r, o, u = self.rollout, self.objective, self.update
@@ -84,52 +85,12 @@ class RLConfig:
         return asdict(self)
 
 
-def _build(cls, where: str, d: Mapping[str, Any]):
-    """A frozen dataclass from a mapping: nested sections become their dataclasses, lists
-    tuples; an unknown key is an error naming it and the known ones."""
-    check_keys(where, d, cls)
-    kw = {}
-    for f in fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        default = f.default
-        if f.name == "lora":
-            v = None if v is None else _build(LoraConfig, f"{where}.lora", v)
-        elif is_dataclass(default) and isinstance(v, Mapping):
-            v = DataConfig.from_dict(v) if isinstance(default, DataConfig) else _build(type(default), f"{where}.{f.name}", v)
-        elif isinstance(v, list):
-            v = tuple(v)
-        kw[f.name] = v
-    return cls(**kw)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RLConfig:
     """The run's config: the YAML file, then `section.key=value` overrides (values parsed as
     YAML: `steps=3`, `objective.algorithm=reinforce`, `update.lora=null`)."""
-    import yaml
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise TrainError(f"rl config {p}: no such file (see configs/rl-cpu.yaml)")
-        d = yaml.safe_load(p.read_text()) or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise TrainError(f"override '{item}': write it as section.key=value, e.g. steps=3")
-        node = d
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise TrainError(f"override '{item}': {k} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    fleet = d.pop("fleet", None)
-    cfg = _build(RLConfig, "rl config", d)
-    if fleet is not None or cfg.fleet is None:
-        from e2e_reme.cluster.experience import CollectConfig
-        cfg = replace(cfg, fleet=CollectConfig.from_dict({"fleet": fleet or {}}).fleet)
+    if path is not None and not Path(path).is_file():
+        raise TrainError(f"rl config {path}: no such file (see configs/rl-cpu.yaml)")
+    cfg = load(RLConfig, path, overrides, "rl config", TrainError)
     cfg.check()
     return cfg
 

@@ -18,9 +18,9 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from .rl_config import RLConfig
+from .sft import load_trainable
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -104,7 +104,7 @@ def update(config: RLConfig, out: Path, step: int, source: Path, batch: list[dic
     gpu = use_gpu(config)
     u = config.update
     loop_config = {"base": config.model, "source": str(source), "step": step, "batch": batch,
-                   "update": asdict(u), "objective": asdict(config.objective), "gpu": gpu, "seed": config.seed}
+                   "update": u, "objective": config.objective, "gpu": gpu, "seed": config.seed}
     trainer = TorchTrainer(
         update_loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -124,23 +124,6 @@ def update(config: RLConfig, out: Path, step: int, source: Path, batch: list[dic
     shutil.rmtree(out / "ray" / f"update-{step:06d}", ignore_errors=True)
     _keep(out, config.keep_checkpoints)
     return dest, dict(result.metrics or {})
-
-
-def _load_policy(cfg: dict, device):
-    """The policy to update: the source checkpoint (its adapter when LoRA), else the model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from .sft import with_lora
-    src, lora = Path(cfg["source"]), cfg["update"]["lora"]
-    if lora and (src / "adapter" / "adapter_config.json").is_file():
-        from peft import PeftModel
-        base = AutoModelForCausalLM.from_pretrained(cfg["base"], local_files_only=True, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(src / "adapter"), is_trainable=True)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
-        if lora:
-            model = with_lora(model, lora)
-    return model.to(device)
 
 
 def completion_logprobs(model, prompt_ids: list[int], completion_ids: list[int], device):
@@ -166,18 +149,18 @@ def update_loop(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     u, o = cfg["update"], cfg["objective"]
     if not cfg["gpu"]:
-        torch.set_num_threads(max(1, int(u["threads_per_worker"])))
+        torch.set_num_threads(max(1, int(u.threads_per_worker)))
     torch.manual_seed(cfg["seed"] + cfg["step"] * 1000 + rank)
     device = ray.train.torch.get_device()
     t0 = time.monotonic()
-    model = _load_policy(cfg, device)
+    model = load_trainable(cfg["base"], cfg["source"], u.lora).to(device)
     ref = None
-    if o["kl_coef"]:
+    if o.kl_coef:
         from transformers import AutoModelForCausalLM
         ref = AutoModelForCausalLM.from_pretrained(cfg["base"], local_files_only=True, dtype=torch.float32).to(device)
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=u["lr"], betas=(0.9, 0.95), weight_decay=u["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=u.lr, betas=(0.9, 0.95), weight_decay=u.weight_decay)
     if (Path(cfg["source"]) / "optimizer.pt").is_file():
         opt.load_state_dict(torch.load(Path(cfg["source"]) / "optimizer.pt", map_location="cpu", weights_only=True))
     load_s = time.monotonic() - t0
@@ -201,15 +184,15 @@ def update_loop(cfg: dict) -> None:
                 with torch.no_grad():
                     ref_lp = completion_logprobs(ref, s["prompt_ids"], s["completion_ids"], device)
             loss, st = policy_loss(lp, old, torch.tensor([s["advantage"]], device=device), torch.ones_like(lp),
-                                   algorithm=o["algorithm"], clip_low=o["clip_low"], clip_high=o["clip_high"],
-                                   ref_logprobs=ref_lp, kl_coef=o["kl_coef"])
-            weight = (lp.shape[1] / tokens_all) if o["algorithm"] == "grpo" else 1.0 / len(seqs)
+                                   algorithm=o.algorithm, clip_low=o.clip_low, clip_high=o.clip_high,
+                                   ref_logprobs=ref_lp, kl_coef=o.kl_coef)
+            weight = (lp.shape[1] / tokens_all) if o.algorithm == "grpo" else 1.0 / len(seqs)
             (loss * weight * world).backward()
         for key in stats_sum:
             stats_sum[key] += st.get(key, 0.0) * weight
     if not mine:    # a worker with nothing to learn from this step still joins the all-reduce
         (sum(p.sum() for p in params) * 0.0).backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, u["grad_clip"]) if u["grad_clip"] else torch.tensor(0.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, u.grad_clip) if u.grad_clip else torch.tensor(0.0)
     if seqs:
         opt.step()
     vec = torch.tensor([stats_sum[k] for k in stats_sum], dtype=torch.float64)

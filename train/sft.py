@@ -51,15 +51,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from e2e_reme.config import build
 
 from .data import DataConfig, SFTData, build_sft_data, corpus_texts
 from .errors import TrainError
 from .evaluate import EvalConfig
 from .format import encode_example
-from .model import ModelConfig, check_keys, check_model_dir, init_model
+from .model import ModelConfig, check_model_dir, init_model
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -119,32 +121,11 @@ class SFTConfig:
     def from_dict(cls, d: Mapping[str, Any], base_dir: Path | None = None) -> "SFTConfig":
         d = dict(d or {})
         d.pop("collect", None)          # `remed train collect`'s section (train.collect)
-        check_keys("sft config", d, cls)
         mc = d.get("model_config")
-        if isinstance(mc, str):          # a path to the model YAML, relative to the config file's repo
-            import yaml
-            p = Path(mc)
-            if not p.is_file():
-                raise TrainError(f"sft config: model_config {mc}: no such file")
-            d["model_config"] = ModelConfig.from_dict(yaml.safe_load(p.read_text()) or {})
-        elif isinstance(mc, Mapping):
-            d["model_config"] = ModelConfig.from_dict(mc)
-        if isinstance(d.get("data"), Mapping):
-            d["data"] = DataConfig.from_dict(d["data"])
-        if isinstance(d.get("train"), Mapping):
-            t = dict(d["train"])
-            check_keys("sft config: train", t, TrainConfig)
-            if isinstance(t.get("lora"), Mapping):
-                check_keys("sft config: train.lora", t["lora"], LoraConfig)
-                lo = dict(t["lora"])
-                if "target_modules" in lo:
-                    lo["target_modules"] = tuple(lo["target_modules"])
-                t["lora"] = LoraConfig(**lo)
-            t["use_gpu"] = str(t.get("use_gpu", "auto")).lower()
-            d["train"] = TrainConfig(**t)
-        if isinstance(d.get("eval"), Mapping):
-            d["eval"] = EvalConfig.from_dict(d["eval"])
-        cfg = cls(**d)
+        if isinstance(mc, str):          # a path to the model YAML
+            from e2e_reme.config import read_yaml
+            d["model_config"] = read_yaml(mc, "sft config: model_config", TrainError)
+        cfg = build(cls, d, "sft config", TrainError)
         cfg.check()
         return cfg
 
@@ -324,7 +305,7 @@ def fit(config: SFTConfig, base: Path, out: Path, emit) -> dict:
         if last is not None:
             emit("resume", str(last))
         loop_config = {"base": str(base), "out": str(out), "data": str(out / "data" / "train.jsonl"),
-                       "train": asdict(t), "gpu": gpu, "resume": str(last) if last is not None else None}
+                       "train": t, "gpu": gpu, "resume": str(last) if last is not None else None}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
@@ -429,13 +410,12 @@ def export_model(checkpoint: Path, dest: Path, config: SFTConfig, data: SFTData,
 
 # ---- the worker loop (runs in each Ray Train worker) ---------------------------------------------
 
-def lr_at(step: int, t: Mapping[str, Any]) -> float:
+def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    lr, warm, total = t["lr"], t["warmup_steps"], t["max_steps"]
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, total - warm))
-    return lr * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac)))
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -494,17 +474,30 @@ def bf16_supported(device: Any = "cpu") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def with_lora(model, lora: Mapping[str, Any]):
+def with_lora(model, lora: LoraConfig):
     """The model with LoRA adapters (peft) on `lora`'s target modules; only they train."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     kw: dict[str, Any] = {}
-    top = lora.get("top_layers")
-    if top:
+    if lora.top_layers:
         n = int(model.config.num_hidden_layers)
-        kw["layers_to_transform"] = list(range(max(0, n - int(top)), n))
-    return get_peft_model(model, PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                                target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+        kw["layers_to_transform"] = list(range(max(0, n - int(lora.top_layers)), n))
+    return get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
                                                 **kw))
+
+
+def load_trainable(base: str, source: str | Path, lora: LoraConfig | None):
+    """The model to train, fp32 on the CPU: with LoRA, the adapter saved in `source` (a
+    checkpoint) on the base model, or fresh adapters on `source`; without, `source` whole."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    adapter = Path(source, "adapter")
+    if lora and (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+        model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype=torch.float32)
+    return with_lora(model, lora) if lora else model
 
 
 def answer_loss(model, ids, answer_len: int, bf16: bool = False):
@@ -519,129 +512,138 @@ def answer_loss(model, ids, answer_len: int, bf16: bool = False):
 
 
 def train_loop(cfg: dict) -> None:
-    import random
-
+    """The SFT steps, in each Ray Train worker. `cfg`: the TrainConfig ("train"), the base
+    model, the tokenised data, the output directory, "gpu", and the checkpoint to resume
+    from if Ray Train has none. Each step: this worker's share of the global batch, the
+    answer's loss summed and normalised by the global batch's target tokens, one optimizer
+    step; rank 0 logs and checkpoints."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
-    t = cfg["train"]
+    t: TrainConfig = cfg["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg["gpu"]:
-        torch.set_num_threads(max(1, int(t["threads_per_worker"])))
-    torch.manual_seed(t["seed"] + rank)
-    random.seed(t["seed"] + rank)
+        torch.set_num_threads(max(1, int(t.threads_per_worker)))
+    torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
 
-    # The model: the last checkpoint, or the base model.
-    ckpt = ray.train.get_checkpoint()
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
-    source = cfg["base"]
-    ckpt_dir = ckpt.to_directory() if ckpt is not None else cfg.get("resume")
-    if ckpt_dir:
-        state = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
-        source = ckpt_dir
-    lora = t.get("lora")
-    if lora and t["fsdp"]:
+    ckpt_dir, state = _resume_point(cfg)
+    if t.lora and t.fsdp:
         raise ValueError("train.lora with train.fsdp is not supported: LoRA adapters are small enough for DDP")
-    if lora and ckpt_dir and Path(ckpt_dir, "adapter", "adapter_config.json").is_file():
-        from peft import PeftModel
-        model = AutoModelForCausalLM.from_pretrained(cfg["base"], local_files_only=True, dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(Path(ckpt_dir, "adapter")), is_trainable=True)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)
-        if lora:
-            model = with_lora(model, lora)
-    if t["gradient_checkpointing"]:
+    model = load_trainable(cfg["base"], ckpt_dir or cfg["base"], t.lora)
+    if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp" if t["fsdp"] else "ddp")
+    model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp" if t.fsdp else "ddp")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.95), weight_decay=t["weight_decay"])
-    if ckpt_dir and Path(ckpt_dir, "optimizer.pt").is_file() and not t["fsdp"]:
-        opt.load_state_dict(torch.load(Path(ckpt_dir, "optimizer.pt"), map_location="cpu", weights_only=True))
-    use_bf16 = t["precision"] == "bf16" or (t["precision"] == "auto" and bf16_supported(device))
-
-    # The data: every worker reads all ids (they are small) and takes its share of each batch.
+    opt = _optimizer(params, t, ckpt_dir)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_supported(device))
     examples = [json.loads(line) for line in Path(cfg["data"]).read_text().splitlines() if line.strip()]
-    n = len(examples)
 
     log = _Logger(Path(cfg["out"]), enabled=rank == 0)
-    log.text(f"sft: {n} examples, {world} worker(s) on {device}, bf16 autocast {use_bf16}, "
-             f"from step {state['step']} of {t['max_steps']}")
-    step, t_start = state["step"], time.monotonic()
-    elapsed0 = state.get("elapsed_s", 0.0)
-    tokens_total = state.get("tokens", 0)
+    log.text(f"sft: {len(examples)} examples, {world} worker(s) on {device}, bf16 autocast {bf16}, "
+             f"from step {state['step']} of {t.max_steps}")
+    step, tokens_total, t_start = state["step"], state.get("tokens", 0), time.monotonic() - state.get("elapsed_s", 0.0)
     model.train()
-    while step < t["max_steps"]:
+    while step < t.max_steps:
         t_step = time.monotonic()
-        lm_phase = step < t["lm_steps"]
-        # This worker's share of the global batch, as (ids [rows, length], targets per row): the
-        # targets are the last positions of each row (predicted from the position before each).
-        # SFT: one sequence per pass, targets = its answer. LM phase: windows of lm_window
-        # tokens cut at random from the transcripts, stacked, targets = every token.
-        if lm_phase:
-            windows = lm_windows(step, examples, t["lm_windows"], t["lm_window"], t["seed"], t["lm_answer_share"],
-                                 t["lm_head"])
-            global_targets = sum(len(w) - 1 for w in windows)
-            mine_w = windows[rank::world]
-            parts = [(torch.tensor(mine_w, device=device), len(mine_w[0]) - 1)] if mine_w else []
-        else:
-            batch = batch_indices(step, n, t["batch_size"], t["seed"])
-            global_targets = sum(len(examples[i]["input_ids"]) - examples[i]["prompt_len"] for i in batch)
-            parts = [(torch.tensor([examples[i]["input_ids"]], device=device),
-                      len(examples[i]["input_ids"]) - examples[i]["prompt_len"]) for i in batch[rank::world]]
+        lm_phase = step < t.lm_steps
+        parts, global_targets = _my_share(step, examples, t, rank, world, device, lm_phase)
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
-        for k, (ids, a) in enumerate(parts):
-            sync = k == len(parts) - 1 or not hasattr(model, "no_sync")
-            with (_nullcontext() if sync else model.no_sync()):
-                ce = answer_loss(model, ids, a, bf16=use_bf16)
-                # Normalised by the targets of the whole global batch (every worker knows them),
-                # times the world size because DDP averages the workers' gradients.
-                (ce * world / global_targets).backward()
-            loss_sum += ce.detach().double().cpu()
-            tokens += ids.numel()
-        mine = parts
-        # A worker with no sequence this step still joins the all-reduce of the gradients.
-        if not mine:
-            (sum(p.sum() for p in params) * 0.0).backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"]) if t["grad_clip"] else torch.tensor(0.0)
+        loss_sum, tokens = _backward(model, params, parts, global_targets, world, bf16)
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip else torch.tensor(0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
 
-        stats = torch.stack([loss_sum, tokens, torch.tensor(float(time.monotonic() - t_start + elapsed0 >
-                                                                     (t["time_limit_s"] or float("inf"))),
-                                                             dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)     # loss and tokens summed; "over time" if any worker is
-        loss = stats[0].item() / global_targets
-        tokens_total += int(stats[1].item())
+        loss_sum, tokens, over_time = _all_workers(loss_sum, tokens,
+                                                   time.monotonic() - t_start > (t.time_limit_s or float("inf")))
+        tokens_total += int(tokens)
         dt = time.monotonic() - t_step
-        over_time = stats[2].item() > 0
-        last = step >= t["max_steps"] or over_time
-        metrics = {"step": step, "loss": round(loss, 5), "phase": "lm" if lm_phase else "sft", "lr": lr,
-                   "grad_norm": round(float(norm), 4),
-                   "tokens_per_s": round(stats[1].item() / dt, 1), "target_tokens_per_s": round(global_targets / dt, 1),
-                   "step_s": round(dt, 3), "tokens": tokens_total,
-                   "elapsed_s": round(time.monotonic() - t_start + elapsed0, 1)}
-        if step % t["log_every"] == 0 or step == 1 or last:
+        metrics = {"step": step, "loss": round(loss_sum / global_targets, 5), "phase": "lm" if lm_phase else "sft",
+                   "lr": lr, "grad_norm": round(float(norm), 4), "tokens_per_s": round(tokens / dt, 1),
+                   "target_tokens_per_s": round(global_targets / dt, 1), "step_s": round(dt, 3),
+                   "tokens": tokens_total, "elapsed_s": round(time.monotonic() - t_start, 1)}
+        last = step >= t.max_steps or over_time
+        if step % t.log_every == 0 or step == 1 or last:
             log.metrics(metrics)
-        if step % t["checkpoint_every"] == 0 or last:
-            _save_checkpoint(model, opt, metrics, cfg, rank, t["fsdp"])
+        if step % t.checkpoint_every == 0 or last:
+            _save_checkpoint(model, opt, metrics, cfg, rank, t.fsdp)
         else:
             ray.train.report(metrics)
         if over_time:
-            log.text(f"sft: time limit {t['time_limit_s']} s reached at step {step}")
+            log.text(f"sft: time limit {t.time_limit_s} s reached at step {step}")
             break
     log.close()
+
+
+def _resume_point(cfg: dict) -> tuple[str | None, dict]:
+    """The checkpoint to start from (Ray Train's own, else the one found on disk) and its
+    trainer state; (None, a fresh state) for a new run."""
+    import ray.train
+    ckpt = ray.train.get_checkpoint()
+    ckpt_dir = ckpt.to_directory() if ckpt is not None else cfg.get("resume")
+    if not ckpt_dir:
+        return None, {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    return ckpt_dir, json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
+
+
+def _optimizer(params: list, t: TrainConfig, ckpt_dir: str | None):
+    import torch
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    if ckpt_dir and Path(ckpt_dir, "optimizer.pt").is_file() and not t.fsdp:
+        opt.load_state_dict(torch.load(Path(ckpt_dir, "optimizer.pt"), map_location="cpu", weights_only=True))
+    return opt
+
+
+def _my_share(step: int, examples: list[dict], t: TrainConfig, rank: int, world: int, device,
+              lm_phase: bool) -> tuple[list, int]:
+    """This worker's share of the step's global batch, as (ids [rows, length], targets per
+    row) pairs (the targets are each row's last positions), and the global batch's target
+    count. SFT: one sequence per pass, its answer the targets. LM phase: windows of
+    lm_window tokens cut at random from the transcripts, stacked, every token a target."""
+    import torch
+    if lm_phase:
+        windows = lm_windows(step, examples, t.lm_windows, t.lm_window, t.seed, t.lm_answer_share, t.lm_head)
+        mine = windows[rank::world]
+        parts = [(torch.tensor(mine, device=device), len(mine[0]) - 1)] if mine else []
+        return parts, sum(len(w) - 1 for w in windows)
+    batch = batch_indices(step, len(examples), t.batch_size, t.seed)
+    answer = [len(examples[i]["input_ids"]) - examples[i]["prompt_len"] for i in batch]
+    parts = [(torch.tensor([examples[i]["input_ids"]], device=device), a)
+             for i, a in list(zip(batch, answer))[rank::world]]
+    return parts, sum(answer)
+
+
+def _backward(model, params: list, parts: list, global_targets: int, world: int, bf16: bool) -> tuple:
+    """The gradients of this worker's share (summed loss / the global batch's targets, times
+    the world size because DDP averages); the all-reduce runs with the last part."""
+    import torch
+    loss_sum, tokens = 0.0, 0
+    for k, (ids, a) in enumerate(parts):
+        sync = k == len(parts) - 1 or not hasattr(model, "no_sync")
+        with (_nullcontext() if sync else model.no_sync()):
+            ce = answer_loss(model, ids, a, bf16=bf16)
+            (ce * world / global_targets).backward()
+        loss_sum += float(ce.detach())
+        tokens += ids.numel()
+    if not parts:    # a worker with no sequence this step still joins the all-reduce
+        (sum(p.sum() for p in params) * 0.0).backward()
+    return loss_sum, tokens
+
+
+def _all_workers(loss_sum: float, tokens: int, over_time: bool) -> tuple[float, float, bool]:
+    """Loss and tokens summed over the workers; over time if any worker is."""
+    import torch
+    import torch.distributed as dist
+    v = torch.tensor([loss_sum, float(tokens), float(over_time)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(v)
+    return v[0].item(), v[1].item(), v[2].item() > 0
 
 
 class _nullcontext:

@@ -160,7 +160,7 @@ def default_corpus() -> list[str]:
     import inspect
     from importlib import resources
 
-    from e2e_reme.simulators import runbook
+    from e2e_reme.simulators.policies import expert as runbook
     texts = []
     for pkg, sub in (("e2e_reme.simulators.policies", "prompts"), ("e2e_reme.simulators.systems", "specs")):
         for f in sorted(resources.files(pkg).joinpath(sub).iterdir(), key=lambda p: p.name):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import typer
-import yaml
 from rich.console import Console
 
 
@@ -26,17 +25,8 @@ err_console = Console(stderr=True, width=_width(sys.stderr))
 def read_config(path: Path | None) -> dict:
     """A YAML config file as a dict ({} for no file); a missing or malformed one is a
     user mistake (ValueError: one line, exit 2)."""
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ValueError(f"config {path}: no such file")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config {path}: not valid YAML ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"config {path}: expected a mapping of settings")
-    return d
+    from e2e_reme.config import read_yaml
+    return read_yaml(path, "config", ValueError)
 
 
 def run_cli(app: typer.Typer) -> None:

@@ -91,10 +91,10 @@ def status(sandbox: str = typer.Option(..., "--sandbox", "-s", help="Sandbox nam
            json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Each service of the deployed system: unit state, health, latency of the health call."""
     from e2e_reme.simulators import attach
-    from e2e_reme.simulators.systems.deploy import load_deployment, probe_all
+    from e2e_reme.simulators.systems.deploy import load_deployment, health_all
     sb = attach(sandbox)
     dep = load_deployment(sb)
-    probes = probe_all(dep.targets, timeout=2.0)
+    probes = health_all(dep.targets, timeout=2.0)
     units: dict[str, str] = {}
     for node in sorted({t.node for t in dep.targets.values()}):
         names = [t.service for t in dep.on_node(node)]

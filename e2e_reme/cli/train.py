@@ -31,8 +31,8 @@ def collect(config_file: Path = typer.Option(..., "--config", help="SFT YAML wit
     """Run the runbook policy on the config's suites (real episodes) for SFT traces; resumable."""
     from dataclasses import replace
 
-    from e2e_reme.train.collect import CollectConfig, collect as run_collect
-    cfg = CollectConfig.from_dict(read_config(config_file).get("collect") or {})
+    from e2e_reme.train.collect import TracesConfig, collect_traces
+    cfg = TracesConfig.from_dict(read_config(config_file).get("collect") or {})
     if parallel:
         cfg = replace(cfg, parallel=parallel)
     plan = cfg.bench_configs()
@@ -57,7 +57,7 @@ def collect(config_file: Path = typer.Option(..., "--config", help="SFT YAML wit
                 mark = "[green]✓[/]" if payload.outcome == "success" else "[red]✗[/]"
                 prog.console.log(f"{mark} {payload.id}: {payload.outcome}")
                 prog.update(task, completed=counts["done"])
-        results = run_collect(cfg, on_event=on_event)
+        results = collect_traces(cfg, on_event=on_event)
     t = Table(title="runbook traces")
     for c in ("run", "cases", "successes", "skipped"):
         t.add_column(c)

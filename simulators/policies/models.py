@@ -200,16 +200,33 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 
 # ---- a local Hugging Face checkpoint ----------------------------------------------------------
 
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """A local model directory must exist and hold config.json; the error says which and how."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: str | os.PathLike, error: type[Exception] = ValueError) -> Path:
+    """A directory `from_pretrained` can load without a network: config.json, weights and a
+    tokenizer. The error (`error`) names the path and what is missing."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ValueError(f"model directory {p}: not found; give the path of a local Hugging Face model "
-                         f"(a directory with config.json, the weights and the tokenizer) or, for an "
-                         f"OpenAI-compatible endpoint, a model name with base_url")
-    if not (p / "config.json").is_file():
-        raise ValueError(f"model directory {p}: no config.json; a local model is a directory saved with "
-                         f"save_pretrained() (config.json, weights, tokenizer files)")
+        raise error(f"model directory {p}: not found; give a local Hugging Face model directory (`remed model "
+                    f"import` makes the pretrained Gemma 3 270M) or, for an endpoint, a model name with base_url")
+    missing = [what for what, names in (("config.json", ("config.json",)),
+                                        ("weights (model.safetensors or pytorch_model.bin, or their .index.json)",
+                                         WEIGHT_FILES),
+                                        ("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+                                         TOKENIZER_FILES))
+               if not any((p / f).is_file() for f in names)]
+    if missing:
+        raise error(f"model directory {p}: missing {', '.join(missing)}; a model directory is what "
+                    f"save_pretrained() writes for the model and its tokenizer")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"model directory {p}: config.json is not readable JSON ({e})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise error(f"model directory {p}: config.json has no model_type; it was not written by save_pretrained()")
     return p
 
 

@@ -1,11 +1,11 @@
-"""The expert runbook as a policy (simulators.runbook): it needs a full report; given a
+"""The expert runbook as a policy (policies/expert.py): it needs a full report; given a
 degraded one it answers with prose, and the episode records a failure at the extract stage."""
 
 from __future__ import annotations
 
 import time
 
-from ..runbook import expert_playbook
+from .expert import expert_playbook
 from .base import Generation, PolicyContext, TrialFeedback, register_policy
 
 

@@ -17,7 +17,7 @@ Shipped systems: simple-micro (2 services, 1 node), boutique (10 services + redi
 # Lazy (PEP 562): `from e2e_reme.simulators.systems.target import ServiceTarget` (what the
 # faults and the verifier import) must not pull in Ansible, the sandbox and the loader.
 _EXPORTS = {
-    "deploy": ["Deployment", "Probe", "deploy_system", "load_deployment", "metrics", "probe", "probe_all",
+    "deploy": ["Deployment", "Health", "deploy_system", "load_deployment", "health", "health_all", "metrics",
                "request_entry", "verify_seed", "wait_healthy"],
     "loadgen": ["BackgroundLoad", "LoadResult", "SLOCheck", "check_slo", "disruption", "run_load"],
     "spec": ["SLO", "SpecError", "SystemSpec", "list_systems", "load_system"],

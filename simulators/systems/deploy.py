@@ -276,7 +276,7 @@ def playbook(spec: SystemSpec, bundles: Path, runtime_override: Path | None = No
 # ---- probing ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Probe:
+class Health:
     service: str
     ok: bool
     status: int | None         # HTTP status (redis: None)
@@ -285,7 +285,7 @@ class Probe:
     token: str = ""
 
 
-def probe(target: ServiceTarget, timeout: float = 1.0) -> Probe:
+def health(target: ServiceTarget, timeout: float = 1.0) -> Health:
     """One health check from the host: GET <health path> (http) or PING (redis)."""
     t0 = time.monotonic()
     try:
@@ -296,7 +296,7 @@ def probe(target: ServiceTarget, timeout: float = 1.0) -> Probe:
                 reply = s.recv(64)
             ms = (time.monotonic() - t0) * 1000
             ok = reply.startswith(b"+PONG")
-            return Probe(target.service, ok, None, round(ms, 2), reply.decode(errors="replace").strip())
+            return Health(target.service, ok, None, round(ms, 2), reply.decode(errors="replace").strip())
         conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
         try:
             conn.request("GET", target.health_path)
@@ -312,17 +312,17 @@ def probe(target: ServiceTarget, timeout: float = 1.0) -> Probe:
         detail = data.get("status", "") if isinstance(data, dict) else ""
         if isinstance(data, dict) and data.get("problems"):
             detail += ": " + "; ".join(data["problems"])
-        return Probe(target.service, resp.status == 200, resp.status, round(ms, 2),
+        return Health(target.service, resp.status == 200, resp.status, round(ms, 2),
                      detail or body[:200].decode(errors="replace"),
                      data.get("token", "") if isinstance(data, dict) else "")
     except (OSError, http.client.HTTPException) as e:
-        return Probe(target.service, False, None, round((time.monotonic() - t0) * 1000, 2),
+        return Health(target.service, False, None, round((time.monotonic() - t0) * 1000, 2),
                      f"{type(e).__name__}: {e}")
 
 
-def probe_all(targets: dict[str, ServiceTarget], timeout: float = 1.0) -> dict[str, Probe]:
+def health_all(targets: dict[str, ServiceTarget], timeout: float = 1.0) -> dict[str, Health]:
     with ThreadPoolExecutor(min(16, max(1, len(targets)))) as pool:
-        return dict(zip(targets, pool.map(lambda t: probe(t, timeout), targets.values())))
+        return dict(zip(targets, pool.map(lambda t: health(t, timeout), targets.values())))
 
 
 def request_entry(dep: Deployment, rtype: str, user: str = "smoke", timeout: float = 10.0) -> tuple[int | None, dict]:
@@ -418,9 +418,9 @@ def wait_healthy(sb: Sandbox, dep: Deployment, timeout_s: float = 60,
     the tail of their journal."""
     t0 = time.monotonic()
     pending = dict(dep.targets)
-    last: dict[str, Probe] = {}
+    last: dict[str, Health] = {}
     while pending:
-        results = probe_all(pending, timeout=1.0)
+        results = health_all(pending, timeout=1.0)
         last.update(results)
         for name, p in results.items():
             if p.ok and (dep.targets[name].kind == "redis" or p.token == dep.token):
