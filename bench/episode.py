@@ -122,8 +122,10 @@ def code_of(rev: str, tmp: Path) -> tuple[dict[str, str], Path]:
     of it, and a package folder that maps e2e_reme's subpackages onto that worktree's
     folders the way its pyproject.toml's package-dir does."""
     tree = tmp / "rev"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
-                   check=True, capture_output=True, text=True)
+    res = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
+                         capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"--compare {rev}: not a revision of this repository ({(res.stderr.strip().splitlines() or ['git failed'])[-1]})")
     pkg = tmp / "pkg" / "e2e_reme"
     pkg.mkdir(parents=True)
     for f in (tree / "e2e_reme").iterdir():
@@ -203,6 +205,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         return run_one_spec(args.one)
+    policies = args.policies.split(",")
+    if not policies or set(policies) - {"runbook", "nothing"}:
+        ap.error(f"--policies {args.policies}: name runbook and/or nothing, e.g. runbook,nothing")
     console = Console(width=None if sys.stdout.isatty() else 160)
     pars = [int(p) for p in args.parallel.split(",")]
     runs = []
@@ -214,7 +219,6 @@ def main() -> None:
             codes.insert(0, (args.compare, env, tree))
         try:
             first = args.systems.split(",")[0]
-            policies = args.policies.split(",")
             plan = ([(s, 1, "runbook") for s in args.systems.split(",") if "runbook" in policies]
                     + [(first, p, "runbook") for p in pars if p != 1 and "runbook" in policies]
                     + ([(first, 1, "nothing")] if "nothing" in policies else []))

@@ -111,7 +111,8 @@ class _Driver:
     """The scheduler thread and the workers, shared by run_load and BackgroundLoad."""
 
     def __init__(self, dep: Deployment, rps: float, mix: dict[str, float] | None, timeout_s: float,
-                 users: int, workers: int, max_requests: int | None, seed: int | None, keep: int):
+                 users: int, workers: int, max_requests: int | None, seed: int | None, keep: int,
+                 max_failures: int | None = None):
         entry = dep.entry
         try:
             inside = ipaddress.ip_address(entry.host) in ipaddress.ip_network(dep.subnet)
@@ -137,7 +138,7 @@ class _Driver:
         self.scheduled = 0
         self.completed = 0
         self.failures = 0
-        self.max_failures: int | None = None   # more than this ends the sending early
+        self.max_failures = max_failures       # more than this ends the sending early
         self.t0 = 0.0
         self.t_end = 0.0
         self.threads: list[threading.Thread] = []
@@ -246,8 +247,7 @@ def run_load(dep: Deployment, *, rps: float | None = None, window_s: float | Non
     window_s = window_s or dep.slo.window_s
     n = _requests(rps, window_s)
     workers = workers or max(4, min(64, int(rps * timeout_s / 4) + 4))
-    d = _Driver(dep, rps, mix, timeout_s, users, workers, n, seed, keep=n)
-    d.max_failures = max_failures
+    d = _Driver(dep, rps, mix, timeout_s, users, workers, n, seed, keep=n, max_failures=max_failures)
     d.start()
     # The scheduler stops by itself after n requests; wait for it, then for the answers.
     d.threads[-1].join(window_s + 1)
