@@ -112,13 +112,22 @@ def test_the_learning_rate_warms_up_then_decays():
     assert lr_at(110, t) == pytest.approx(0.1) and lr_at(60, t) == pytest.approx(0.55)
 
 
-@pytest.mark.slow
-def test_the_trained_model_is_judged_by_executing_its_answer_on_a_live_held_out_incident(trained, tmp_path):
+HELD_OUT = HoldoutConfig(systems=("simple-micro",))
+ONE_CASE = EvalConfig(suite="cpu-stress", limit=1, held_out_services=False, max_tokens=64, verify_load=False,
+                      sandbox_prefix="pt-ev")
+
+
+@pytest.fixture(scope="module")
+def model_eval(trained, tmp_path_factory):
     _, summary = trained
-    res = run_eval(summary["model"], EvalConfig(suite="cpu-stress", limit=1, held_out_services=False,
-                                                max_tokens=64, verify_load=False, sandbox_prefix="pt-ev"),
-                   HoldoutConfig(systems=("simple-micro",)), tmp_path / "eval")
-    (rec,) = [json.loads(l) for l in (tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("eval") / "model"
+    return out, run_eval(summary["model"], ONE_CASE, HELD_OUT, out)
+
+
+@pytest.mark.slow
+def test_the_trained_model_is_judged_by_executing_its_answer_on_a_live_held_out_incident(model_eval):
+    out, res = model_eval
+    (rec,) = [json.loads(l) for l in (out / "episodes.jsonl").read_text().splitlines()]
     assert rec["eval_set"] == "system:simple-micro" and rec["scenario"]["system"] == "simple-micro"
     assert rec["outcome"] in ("success", "failure")
     # A few steps on six episodes do not make a remediator: its answer stops somewhere, and
@@ -127,6 +136,42 @@ def test_the_trained_model_is_judged_by_executing_its_answer_on_a_live_held_out_
     assert o["cases"] == 1 and o["successes"] + sum(o["failure_stages"].values()) == 1
     assert o["prompt_tokens_per_case"] > 500
     assert rec["trials"][0]["extra"]["completion_ids"]
+
+
+@pytest.mark.slow
+def test_the_runbook_is_judged_on_the_same_cases_and_set_beside_the_model(model_eval, tmp_path):
+    from e2e_reme.simulators.policies.base import make_policy
+    from e2e_reme.train.evaluate import compare
+    model_out, model_res = model_eval
+    res = run_eval(None, ONE_CASE, HELD_OUT, tmp_path / "runbook", policy=make_policy("runbook"))
+    assert res["model"] == "policy:runbook" and res["overall"]["successes"] == 1
+    both = compare({"model": model_out, "runbook": tmp_path / "runbook"}, tmp_path / "cmp")
+    assert both["cases"] == 1 and list(both["policies"]) == ["model", "runbook"]
+    assert both["policies"]["runbook"]["overall"]["success_rate"] == 1.0
+    assert both["policies"]["model"]["overall"] == json.loads(json.dumps(model_res["overall"]))
+    assert (tmp_path / "cmp" / "results.json").is_file()
+
+
+def test_a_results_directory_holding_another_models_evaluation_is_refused(trained, tmp_path):
+    _, summary = trained
+    (tmp_path / "config.json").write_text(json.dumps({"model": "policy:runbook", "eval": {}, "holdout": {}}))
+    with pytest.raises(ValueError, match="another model"):
+        run_eval(summary["model"], ONE_CASE, HELD_OUT, tmp_path)
+
+
+def _results(d: Path, ids: list[str]) -> Path:
+    d.mkdir()
+    (d / "episodes.jsonl").write_text("".join(json.dumps({"id": i, "outcome": "success"}) + "\n" for i in ids))
+    (d / "results.json").write_text(json.dumps({"overall": {}, "per_fault": {}, "per_set": {}}))
+    return d
+
+
+def test_evaluations_of_different_cases_are_not_set_side_by_side(tmp_path):
+    from e2e_reme.train.errors import TrainError
+    from e2e_reme.train.evaluate import compare
+    a, b = _results(tmp_path / "a", ["c1", "c2"]), _results(tmp_path / "b", ["c1", "c3"])
+    with pytest.raises(TrainError, match="judged different cases"):
+        compare({"a": a, "b": b}, tmp_path / "cmp")
 
 
 def test_the_lm_phase_cuts_the_same_windows_everywhere_and_ends_some_with_the_answer():

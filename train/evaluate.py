@@ -24,6 +24,7 @@ needed (and not used) here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -86,21 +87,25 @@ def make_eval_policy(model_dir: str | Path, config: EvalConfig):
     return SoloGen(EngineChatModel(engine), temperature=config.temperature, max_tokens=config.max_tokens)
 
 
-def run_eval(model_dir: str | Path, config: EvalConfig, holdout, out: str | Path, *,
+def run_eval(model_dir: str | Path | None, config: EvalConfig, holdout, out: str | Path, *,
              on_event: Callable[[str, Any], None] | None = None, policy=None) -> dict:
-    """Run (or resume) every held-out case with the model; return and write the results."""
+    """Run (or resume) every held-out case with the model (or, without one, with `policy`:
+    the runbook as the reference on the same cases); return and write the results."""
     from e2e_reme.simulators.campaign import RecordStore, publish, run_local
     from e2e_reme.simulators.episode import EpisodeConfig
     from .model import check_model_dir
 
     emit = on_event or (lambda kind, payload: None)
-    model_dir = check_model_dir(model_dir)
+    if model_dir is None and policy is None:
+        raise TrainError("nothing to evaluate: name a model directory or a policy")
+    judged = str(check_model_dir(model_dir)) if model_dir is not None else f"policy:{policy.name}"
     cases, skipped = eval_cases(config, holdout)
     if not cases:
         raise TrainError("no held-out case to evaluate: hold out a system or a service (data.holdout) whose "
                          f"faults of suite '{config.suite}' this host can run")
     store = RecordStore(out)
-    store.claim("config.json", {"model": str(model_dir), "eval": asdict(config), "holdout": asdict(holdout)})
+    store.claim("config.json", {"model": judged, "eval": asdict(config), "holdout": asdict(holdout)},
+                keys=("model", "eval.suite", "eval.seeds", "eval.backend", "holdout"), what="evaluation")
     todo, _ = store.pending(cases)
     emit("eval_cases", {"total": len(cases), "todo": len(todo), "skipped": len(skipped)})
     if todo:
@@ -109,7 +114,7 @@ def run_eval(model_dir: str | Path, config: EvalConfig, holdout, out: str | Path
                   episode=EpisodeConfig(report_detail=config.report_detail, verify_load=config.verify_load),
                   emit=_eval_events(emit, todo))
     records = store.records(cases)
-    results = {**summarize(records, skipped), "model": str(model_dir), "suite": config.suite,
+    results = {**summarize(records, skipped), "model": judged, "suite": config.suite,
                "seeds": list(config.seeds), "complete": len(records) == len(cases)}
     o = results["overall"]
     return publish(store, results, results["per_set_fault"],
@@ -147,3 +152,28 @@ def summarize(records: list[dict], skipped: list[dict] = ()) -> dict:
             "per_set_fault": {s: per_group([r for r in records if r.get("eval_set") == s], stage_of=_stage)
                               for s in per_set},
             "skipped": list(skipped)}
+
+
+def compare(evals: Mapping[str, str | Path], out: str | Path) -> dict:
+    """Evaluations of the same held-out cases side by side ({label: results dir}): each
+    one's overall, per-fault and per-set statistics, one chart with a bar group per
+    label; refused when they judged different cases, because then the rates are not
+    comparable."""
+    from e2e_reme.simulators.campaign import RecordStore, publish
+    runs, ids = {}, {}
+    for label, d in evals.items():
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise TrainError(f"{path}: no results here; run `remed train eval` into {d} first")
+        runs[label] = json.loads(path.read_text())
+        ids[label] = {r["id"] for r in RecordStore(d)}
+    first = next(iter(ids), None)
+    for label, got in ids.items():
+        if got != ids[first]:
+            raise TrainError(f"'{label}' and '{first}' judged different cases ({len(got ^ ids[first])} differ); "
+                             "evaluate both with the same config and let each finish")
+    keep = ("model", "overall", "per_fault", "per_set", "complete")
+    results = {"cases": len(ids[first]) if first else 0, "evals": {k: str(v) for k, v in evals.items()},
+               "policies": {label: {k: r.get(k) for k in keep} for label, r in runs.items()}}
+    return publish(RecordStore(out), results, {label: r["per_fault"] for label, r in runs.items()},
+                   f"held-out execution success, {results['cases']} cases", ylabel="held-out success (95 % CI)")

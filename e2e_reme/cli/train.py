@@ -137,21 +137,64 @@ def rl(ctx: typer.Context,
 
 
 @app.command("eval")
-def eval_(model: Path = typer.Option(..., "--model", help="The model directory to judge."),
+def eval_(model: Path = typer.Option(None, "--model", help="The model directory to judge."),
+          policy: str = typer.Option(None, "--policy", help="Judge a built-in policy instead: runbook (the reference)."),
           config_file: Path = typer.Option(..., "--config", help="SFT YAML (its data.holdout and eval sections)."),
-          out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval]"),
+          out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval | runs/eval-<policy>]"),
           limit: int = typer.Option(None, "--limit", help="At most N cases per set."),
           json_out: bool = typer.Option(False, "--json")) -> None:
-    """Held-out execution success of a model: real episodes, per fault type and failure stage."""
+    """Held-out execution success of a model (or the runbook): real episodes, per fault type and failure stage."""
+    from e2e_reme.train.errors import TrainError
     from e2e_reme.train.evaluate import run_eval
+    if (model is None) == (policy is None):
+        _fail("name one thing to judge: --model DIR, or --policy runbook")
+    if policy not in (None, "runbook"):
+        _fail(f"--policy {policy}: only the runbook is judged without a model (a model-backed policy takes --model)")
     cfg = _sft_config(config_file, {}, {}, {"limit": limit})
+    judged = None
+    if policy:
+        from e2e_reme.simulators.policies.base import make_policy
+        judged = make_policy(policy)
+    out = out or (model.resolve().parent / "eval" if model else Path(f"runs/eval-{policy}"))
     with _progress() as prog:
-        results = run_eval(model, cfg.eval, cfg.data.holdout, out or model.resolve().parent / "eval",
-                           on_event=None if json_out else _printer(prog))
+        try:
+            results = run_eval(model, cfg.eval, cfg.data.holdout, out, policy=judged,
+                               on_event=None if json_out else _printer(prog))
+        except (TrainError, ValueError) as e:
+            _fail(str(e))
     if json_out:
         print(json.dumps(results, indent=2))
         return
     print_eval(results)
+
+
+@app.command("compare")
+def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `remed train eval`, each on the "
+                                                      "same held-out cases."),
+            out: Path = typer.Option(Path("runs/eval-compare"), "--out", help="Where the table's JSON and chart go."),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """Held-out evaluations side by side: success per fault type with 95 % intervals, one chart."""
+    from e2e_reme.train.errors import TrainError
+    from e2e_reme.train.evaluate import compare as compare_evals
+    named = {}
+    for item in evals:
+        label, sep, d = item.partition("=")
+        if not sep or not label or not d:
+            _fail(f"{item!r}: write each evaluation as LABEL=DIR, e.g. sft=runs/sft-cpu/eval")
+        named[label] = Path(d)
+    try:
+        results = compare_evals(named, out)
+    except TrainError as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return
+    print_compare(results)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
 
 
 def _progress() -> Progress:
@@ -199,6 +242,26 @@ def _printer(prog: Progress):
             if "eval" in tasks:
                 prog.advance(tasks["eval"])
     return on_event
+
+
+def print_compare(results: dict) -> None:
+    pols = results["policies"]
+    t = Table(title=f"held-out execution success, {results['cases']} cases, side by side")
+    t.add_column("fault")
+    for label in pols:
+        t.add_column(label, justify="right")
+
+    def cell(g):
+        return f"{g['successes']}/{g['cases']} {g['success_rate']:.0%} [{g['ci95'][0]:.0%}, {g['ci95'][1]:.0%}]" if g else "-"
+    faults = list(dict.fromkeys(f for p in pols.values() for f in p["per_fault"]))
+    for f in faults:
+        t.add_row(f, *(cell(p["per_fault"].get(f)) for p in pols.values()))
+    for s in dict.fromkeys(x for p in pols.values() for x in p["per_set"]):
+        t.add_row(s, *(cell(p["per_set"].get(s)) for p in pols.values()))
+    t.add_row("all", *(cell(p["overall"]) for p in pols.values()), style="bold")
+    console.print(t)
+    if results.get("chart"):
+        console.print(f"chart: {results['chart']}")
 
 
 def print_eval(results: dict) -> None:
