@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from e2e_reme.cluster import CollectConfig
@@ -38,6 +40,18 @@ def test_every_unknown_key_at_any_depth_is_reported_in_one_error_with_the_known_
 def test_an_optional_section_can_be_switched_off_with_null():
     cfg = load_config("configs/rl-cpu.yaml", ["update.lora=null", "steps=2"])
     assert cfg.update.lora is None and cfg.steps == 2
+
+
+def test_the_runs_relative_paths_are_taken_from_root(tmp_path):
+    # A submitted job runs in a copy of the working directory: root=$PWD points back at runs/.
+    cfg = load_config("configs/rl-cpu.yaml", [f"root={tmp_path}"])
+    assert (cfg.model, cfg.out) == (str(tmp_path / "runs/sft-cpu/model"), str(tmp_path / "runs/rl-cpu"))
+    assert cfg.data.episodes == (str(tmp_path / "runs/sft-data"),)
+
+
+def test_without_a_root_relative_paths_are_the_current_directorys_and_absolute_ones_stay():
+    cfg = load_config("configs/rl-cpu.yaml", ["model=/models/base"])
+    assert cfg.model == "/models/base" and cfg.out == str(Path.cwd() / "runs/rl-cpu")
 
 
 def test_overrides_parse_their_values_as_yaml_and_reach_nested_sections():

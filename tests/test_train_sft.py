@@ -148,7 +148,7 @@ def test_the_runbook_is_judged_on_the_same_cases_and_set_beside_the_model(model_
     both = compare({"model": model_out, "runbook": tmp_path / "runbook"}, tmp_path / "cmp")
     assert both["cases"] == 1 and list(both["policies"]) == ["model", "runbook"]
     assert both["policies"]["runbook"]["overall"]["success_rate"] == 1.0
-    assert both["policies"]["model"]["overall"] == json.loads(json.dumps(model_res["overall"]))
+    assert both["policies"]["model"]["overall"] == model_res["overall"]
     assert (tmp_path / "cmp" / "results.json").is_file()
 
 
@@ -159,19 +159,26 @@ def test_a_results_directory_holding_another_models_evaluation_is_refused(traine
         run_eval(summary["model"], ONE_CASE, HELD_OUT, tmp_path)
 
 
-def _results(d: Path, ids: list[str]) -> Path:
+def _results(d: Path, outcomes: dict[str, str]) -> Path:
     d.mkdir()
-    (d / "episodes.jsonl").write_text("".join(json.dumps({"id": i, "outcome": "success"}) + "\n" for i in ids))
-    (d / "results.json").write_text(json.dumps({"overall": {}, "per_fault": {}, "per_set": {}}))
+    (d / "episodes.jsonl").write_text("".join(
+        json.dumps({"id": i, "outcome": o, "eval_set": "system:x", "scenario": {"fault": "cpu-stress"}}) + "\n"
+        for i, o in outcomes.items()))
+    (d / "results.json").write_text("{}")
     return d
 
 
 def test_evaluations_of_different_cases_are_not_set_side_by_side(tmp_path):
     from e2e_reme.train.errors import TrainError
     from e2e_reme.train.evaluate import compare
-    a, b = _results(tmp_path / "a", ["c1", "c2"]), _results(tmp_path / "b", ["c1", "c3"])
+    a = _results(tmp_path / "a", {"c1": "success", "c2": "success"})
+    b = _results(tmp_path / "b", {"c1": "failure", "c3": "success"})
     with pytest.raises(TrainError, match="judged different cases"):
         compare({"a": a, "b": b}, tmp_path / "cmp")
+    # Asked for, the cases both judged are compared, and only those.
+    both = compare({"a": a, "b": b}, tmp_path / "cmp", common=True)
+    assert both["cases"] == 1 and both["common_only"]
+    assert both["policies"]["a"]["overall"]["successes"] == 1 and both["policies"]["b"]["overall"]["successes"] == 0
 
 
 def test_the_lm_phase_cuts_the_same_windows_everywhere_and_ends_some_with_the_answer():

@@ -24,7 +24,6 @@ needed (and not used) here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -154,26 +153,29 @@ def summarize(records: list[dict], skipped: list[dict] = ()) -> dict:
             "skipped": list(skipped)}
 
 
-def compare(evals: Mapping[str, str | Path], out: str | Path) -> dict:
-    """Evaluations of the same held-out cases side by side ({label: results dir}): each
-    one's overall, per-fault and per-set statistics, one chart with a bar group per
-    label; refused when they judged different cases, because then the rates are not
-    comparable."""
+def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = False) -> dict:
+    """Evaluations side by side ({label: results dir}): each one's overall, per-fault and
+    per-set statistics from its records, and one chart with a bar group per label.
+    Evaluations of different cases are refused, because their rates are not comparable;
+    with `common`, each is summarised over the cases all of them judged instead."""
     from e2e_reme.simulators.campaign import RecordStore, publish
-    runs, ids = {}, {}
+    records = {}
     for label, d in evals.items():
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            raise TrainError(f"{path}: no results here; run `remed train eval` into {d} first")
-        runs[label] = json.loads(path.read_text())
-        ids[label] = {r["id"] for r in RecordStore(d)}
-    first = next(iter(ids), None)
-    for label, got in ids.items():
-        if got != ids[first]:
-            raise TrainError(f"'{label}' and '{first}' judged different cases ({len(got ^ ids[first])} differ); "
-                             "evaluate both with the same config and let each finish")
-    keep = ("model", "overall", "per_fault", "per_set", "complete")
-    results = {"cases": len(ids[first]) if first else 0, "evals": {k: str(v) for k, v in evals.items()},
-               "policies": {label: {k: r.get(k) for k in keep} for label, r in runs.items()}}
-    return publish(RecordStore(out), results, {label: r["per_fault"] for label, r in runs.items()},
-                   f"held-out execution success, {results['cases']} cases", ylabel="held-out success (95 % CI)")
+        if not (Path(d) / "results.json").is_file():
+            raise TrainError(f"{d}: no evaluation results here; run `remed train eval` into it first")
+        records[label] = {r["id"]: r for r in RecordStore(d)}
+    ids = [set(r) for r in records.values()]
+    shared = set.intersection(*ids) if ids else set()
+    if not common and any(i != shared for i in ids):
+        raise TrainError(f"the evaluations judged different cases ({len(set.union(*ids) - shared)} not in all); "
+                         "evaluate each with the same config and let it finish, or compare the cases they "
+                         "share (--common)")
+    if not shared:
+        raise TrainError("the evaluations share no case; evaluate them with the same config")
+    order = [i for i in next(iter(records.values())) if i in shared]
+    summaries = {label: summarize([recs[i] for i in order]) for label, recs in records.items()}
+    results = {"cases": len(order), "common_only": common, "evals": {k: str(v) for k, v in evals.items()},
+               "policies": {label: {k: s[k] for k in ("overall", "per_fault", "per_set")}
+                            for label, s in summaries.items()}}
+    return publish(RecordStore(out), results, {label: s["per_fault"] for label, s in summaries.items()},
+                   f"held-out execution success, {len(order)} cases", ylabel="held-out success (95 % CI)")

@@ -17,8 +17,10 @@ worker, and the next step begins.
 
 What was simplified. One optimizer step per batch (no PPO epochs), so the importance ratio
 only corrects for the rollout engine's numerics and for expert answers; one Ray Train fit
-per step (train/rl_workers.py says why); generation of the next batch does not overlap
-with the judging of this one; the rollout worker reloads the checkpoint from the run's
+per step (train/rl_workers.py says why); with `rollout.overlap` (on by default) the next
+step's groups are generated while this step's are judged, by the weights before this
+step's update (staleness of one step, which the stored logprobs' ratio accounts for); the
+rollout worker reloads the checkpoint from the run's
 directory instead of receiving weights over the object store. `expert_per_group` (0 by
 default) lets the case's verified expert answer join its group, judged like any
 completion (its old logprobs are the current policy's): a guide for a policy that never
@@ -30,10 +32,12 @@ Launch, on this machine (a local Ray is started when no cluster is given):
     python train/rl.py --config configs/rl-cpu.yaml            # or: remed train rl --config ...
     python train/rl.py --config configs/rl-cpu.yaml steps=3 objective.algorithm=reinforce
 
-Against a Ray cluster (on this machine: `ray start --head --resources='{"sandbox_host": 1}'`):
+Against a Ray cluster (on this machine: `ray start --head --resources='{"sandbox_host": 1}'`);
+the job runs in a copy of the working directory, without runs/, so `root` says where the
+config's relative paths (the model, the traces, the output) are:
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python train/rl.py --config configs/rl-cpu.yaml
+        python train/rl.py --config configs/rl-cpu.yaml root=$PWD
 
 A rerun of the same command resumes from the last checkpoint in `out`.
 """
@@ -87,21 +91,29 @@ def training_cases(config: RLConfig) -> list[dict]:
 
 # ---- one step, phase by phase -------------------------------------------------------------------
 
-def rollout_phase(rollout, cases: list[dict], config: RLConfig, step: int) -> list[dict]:
-    """The group of each case: sampled completions, then the expert's answer if configured."""
-    import ray
+def rollout_submit(rollout, cases: list[dict], config: RLConfig, step: int) -> dict:
+    """Start generating the group of each case on the rollout worker; returns at once."""
     r = config.rollout
     params = {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "n": r.group_size,
               "seed": config.seed * 100003 + step}
-    groups = ray.get(rollout.generate.remote([c["messages"] for c in cases], params)) if r.group_size else [[]] * len(cases)
-    expert_ids = ray.get(rollout.answer_ids.remote([c["expert"] for c in cases])) if r.expert_per_group else []
+    return {"cases": cases,
+            "groups": rollout.generate.remote([c["messages"] for c in cases], params) if r.group_size else None,
+            "expert_ids": rollout.answer_ids.remote([c["expert"] for c in cases]) if r.expert_per_group else None}
+
+
+def rollout_samples(rollout, pending: dict, config: RLConfig) -> list[dict]:
+    """The group of each case: sampled completions, then the expert's answer if configured."""
+    import ray
+    cases = pending["cases"]
+    groups = ray.get(pending["groups"]) if pending["groups"] is not None else [[]] * len(cases)
+    expert_ids = ray.get(pending["expert_ids"]) if pending["expert_ids"] is not None else []
     samples = []
     for i, (case, group) in enumerate(zip(cases, groups)):
         prompt = group[0]["prompt_ids"] if group else ray.get(rollout.prompt_ids.remote(case["messages"]))
         for c in group:
             samples.append({"case": i, "text": c["text"], "prompt_ids": prompt, "completion_ids": c["completion_ids"],
                             "old_logprobs": c["logprobs"], "expert": False})
-        for _ in range(r.expert_per_group):
+        for _ in range(config.rollout.expert_per_group):
             samples.append({"case": i, "text": case["expert"], "prompt_ids": prompt, "completion_ids": expert_ids[i],
                             "old_logprobs": None, "expert": True})
     return samples
@@ -217,9 +229,11 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     import ray
     from e2e_reme.cluster import Fleet, Judge
 
+    config = config.absolute()
     if not Path(config.model).is_dir():
         raise TrainError(f"rl config: model {config.model}: no such directory; name the model to start from "
-                         "(an SFT export such as runs/sft-cpu/model, or `remed model import`'s output)")
+                         "(an SFT export such as runs/sft-cpu/model, or `remed model import`'s output); a "
+                         "submitted job runs in a copy of the working directory without runs/: pass root=$PWD")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
@@ -233,15 +247,25 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
         judge = Judge(fleet, policy="rl")
         rollout = ray.remote(num_cpus=1)(RolloutWorker).remote(str(source), config.rollout.engine,
                                                                config.rollout.batch_size)
+
+        def batch_of(n: int) -> list[dict]:
+            rng = random.Random(f"{config.seed}:{n}")
+            return [rng.choice(cases) for _ in range(config.rollout.scenarios_per_step)]
+
+        overlap = config.rollout.overlap
         try:
+            pending = rollout_submit(rollout, batch_of(step + 1), config, step + 1) if step < config.steps else None
             while step < config.steps:
                 step += 1
                 times: dict[str, float] = {}
-                rng = random.Random(f"{config.seed}:{step}")
-                batch = [rng.choice(cases) for _ in range(config.rollout.scenarios_per_step)]
                 t = time.monotonic()
-                samples = rollout_phase(rollout, batch, config, step)
-                times["generation"] = time.monotonic() - t
+                batch, samples = pending["cases"], rollout_samples(rollout, pending, config)
+                times["generation"] = time.monotonic() - t      # what the loop waited for its samples
+                # With overlap the next step's groups are generated while this step's run in
+                # sandboxes, by the weights before this step's update (staleness 1): the update's
+                # importance ratio uses the logprobs stored with them.
+                pending = (rollout_submit(rollout, batch_of(step + 1), config, step + 1)
+                           if overlap and step < config.steps else None)
                 t = time.monotonic()
                 judge_phase(judge, batch, samples)
                 times["execution"] = time.monotonic() - t
@@ -249,9 +273,16 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                 t = time.monotonic()
                 source, upd = update(config, out, step, source, samples)
                 times["update"] = time.monotonic() - t
+                if pending is not None:       # the worker finishes the next groups before it loads
+                    t = time.monotonic()
+                    refs = [r for r in (pending["groups"], pending["expert_ids"]) if r is not None]
+                    ray.wait(refs, num_returns=len(refs))
+                    times["generation_next"] = time.monotonic() - t
                 t = time.monotonic()
                 ray.get(rollout.load.remote(str(source)))
                 times["sync"] = time.monotonic() - t
+                if pending is None and step < config.steps:
+                    pending = rollout_submit(rollout, batch_of(step + 1), config, step + 1)
                 m = step_metrics(step, batch, samples, adv_stats, upd, times)
                 log.step(m)
                 if on_step:
@@ -261,7 +292,8 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                     [{k: v for k, v in s.items() if k != "prompt_ids"} for s in samples], default=str))
                 say(f"step {step}/{config.steps}: reward {m['reward']}, {m['groups_dropped_zero_variance']} of "
                     f"{m['groups']} group(s) without signal, masked {m['masked_fraction']:.0%}, "
-                    f"gen {times['generation']:.0f} s, exec {times['execution']:.0f} s, "
+                    f"gen {times['generation'] + times.get('generation_next', 0):.0f} s, "
+                    f"exec {times['execution']:.0f} s, "
                     f"update {times['update']:.0f} s, sync {times['sync']:.0f} s")
         finally:
             log.close()

@@ -3,7 +3,7 @@ file plus `key=value` overrides by one loader, saved whole beside the run's resu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from e2e_reme.cluster.fleet import FleetConfig
@@ -26,6 +26,8 @@ class RolloutConfig:
     max_tokens: int = 512
     engine: str = "auto"               # auto | transformers | vllm
     batch_size: int = 8                # sequences per generate() call of the transformers engine
+    overlap: bool = True               # generate the next step's groups while this step's are judged
+                                       # (one step stale; the ratio uses their stored logprobs)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class RLConfig:
     seed: int = 0
     keep_checkpoints: int = 2
     ray_address: str | None = None     # None: RAY_ADDRESS (set by `ray job submit`), else a local Ray
+    root: str = ""                     # relative out/model/data.episodes are taken from here ("": the
+                                       # current directory); a submitted job runs in a copy of the
+                                       # working directory without runs/, so pass root=$PWD
     data: DataConfig = DataConfig()    # the training cases: verified expert traces, held-out split excluded
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -84,6 +89,16 @@ class RLConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def absolute(self) -> "RLConfig":
+        """The same run with its paths made absolute (from `root`): Ray Train workers and the
+        rollout worker run in directories of their own."""
+        base = Path(self.root or ".").absolute()
+
+        def at(p: str) -> str:
+            return str(p if Path(p).is_absolute() else base / p) if p else p
+        return replace(self, out=at(self.out), model=at(self.model),
+                       data=replace(self.data, episodes=tuple(at(e) for e in self.data.episodes)))
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RLConfig:
     """The run's config: the YAML file, then `section.key=value` overrides (values parsed as
@@ -92,7 +107,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RL
         raise TrainError(f"rl config {path}: no such file (see configs/rl-cpu.yaml)")
     cfg = load(RLConfig, path, overrides, "rl config", TrainError)
     cfg.check()
-    return cfg
+    return cfg.absolute()
 
 
 __all__ = ["ObjectiveConfig", "RLConfig", "RolloutConfig", "UpdateConfig", "load_config"]

@@ -167,7 +167,8 @@ def run_sft(config: SFTConfig, *, on_event: Callable[[str, Any], None] | None = 
 
     # 2. The base model: a given directory, or a tiny one initialised on the training split's texts
     #    (never the held-out ones), once per run directory.
-    base = Path(config.model) if config.model else out / "init"
+    # Absolute: Ray Train workers run in a directory of their own.
+    base = Path(config.model).absolute() if config.model else out / "init"
     if config.model:
         check_model_dir(base)
     elif not (base / "config.json").is_file():

@@ -138,7 +138,8 @@ def rl(ctx: typer.Context,
 
 @app.command("eval")
 def eval_(model: Path = typer.Option(None, "--model", help="The model directory to judge."),
-          policy: str = typer.Option(None, "--policy", help="Judge a built-in policy instead: runbook (the reference)."),
+          policy: str = typer.Option(None, "--policy",
+                                     help="Judge a built-in policy instead: runbook (the reference)."),
           config_file: Path = typer.Option(..., "--config", help="SFT YAML (its data.holdout and eval sections)."),
           out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval | runs/eval-<policy>]"),
           limit: int = typer.Option(None, "--limit", help="At most N cases per set."),
@@ -172,6 +173,7 @@ def eval_(model: Path = typer.Option(None, "--model", help="The model directory 
 def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `remed train eval`, each on the "
                                                       "same held-out cases."),
             out: Path = typer.Option(Path("runs/eval-compare"), "--out", help="Where the table's JSON and chart go."),
+            common: bool = typer.Option(False, "--common", help="Compare only the cases all of them judged."),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """Held-out evaluations side by side: success per fault type with 95 % intervals, one chart."""
     from e2e_reme.train.errors import TrainError
@@ -183,7 +185,7 @@ def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `
             _fail(f"{item!r}: write each evaluation as LABEL=DIR, e.g. sft=runs/sft-cpu/eval")
         named[label] = Path(d)
     try:
-        results = compare_evals(named, out)
+        results = compare_evals(named, out, common=common)
     except TrainError as e:
         _fail(str(e))
     if json_out:
@@ -246,13 +248,16 @@ def _printer(prog: Progress):
 
 def print_compare(results: dict) -> None:
     pols = results["policies"]
-    t = Table(title=f"held-out execution success, {results['cases']} cases, side by side")
+    common = " (the cases all of them judged)" if results["common_only"] else ""
+    t = Table(title=f"held-out execution success, {results['cases']} cases{common}, side by side")
     t.add_column("fault")
     for label in pols:
         t.add_column(label, justify="right")
 
     def cell(g):
-        return f"{g['successes']}/{g['cases']} {g['success_rate']:.0%} [{g['ci95'][0]:.0%}, {g['ci95'][1]:.0%}]" if g else "-"
+        if not g:
+            return "-"
+        return f"{g['successes']}/{g['cases']} {g['success_rate']:.0%} [{g['ci95'][0]:.0%}, {g['ci95'][1]:.0%}]"
     faults = list(dict.fromkeys(f for p in pols.values() for f in p["per_fault"]))
     for f in faults:
         t.add_row(f, *(cell(p["per_fault"].get(f)) for p in pols.values()))
