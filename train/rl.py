@@ -254,11 +254,12 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
 
         overlap = config.rollout.overlap
         try:
-            pending = rollout_submit(rollout, batch_of(step + 1), config, step + 1) if step < config.steps else None
+            pending = None
             while step < config.steps:
                 step += 1
                 times: dict[str, float] = {}
                 t = time.monotonic()
+                pending = pending or rollout_submit(rollout, batch_of(step), config, step)
                 batch, samples = pending["cases"], rollout_samples(rollout, pending, config)
                 times["generation"] = time.monotonic() - t      # what the loop waited for its samples
                 # With overlap the next step's groups are generated while this step's run in
@@ -281,8 +282,6 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                 t = time.monotonic()
                 ray.get(rollout.load.remote(str(source)))
                 times["sync"] = time.monotonic() - t
-                if pending is None and step < config.steps:
-                    pending = rollout_submit(rollout, batch_of(step + 1), config, step + 1)
                 m = step_metrics(step, batch, samples, adv_stats, upd, times)
                 log.step(m)
                 if on_step:
