@@ -8,7 +8,7 @@ load on the machine hits both alike:
   host   what the pipeline did before the boundary: `ansible-playbook --syntax-check` and
          ansible-runner, both on the host (only our fixed playbook is run this way here)
   jail   `run_pipeline(sandbox=...)`: syntax check and run in the jailed controller, and
-         the leftover-process sweep (simulators/controller.py, simulators/leftovers.py)
+         the leftover-process sweep (simulators/sandbox/controller.py, simulators/playbook/leftovers.py)
 for a typical small remediation playbook (3 tasks). Reported: the median seconds of each
 arm, the jail's own start time (launch to first command), and the difference as a share
 of the median episode, measured by running --cases episodes of simple-micro's easy suite
@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from e2e_reme.simulators import create_sandbox
-from e2e_reme.simulators.ansible import DEFAULT_ENV, run_playbook
-from e2e_reme.simulators.execution import run_pipeline
+from e2e_reme.simulators.sandbox.ansible import DEFAULT_ENV, run_playbook
+from e2e_reme.simulators.playbook.execution import run_pipeline
 
 PLAYBOOK = """- hosts: n0
   gather_facts: false

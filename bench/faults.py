@@ -26,13 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from e2e_reme.simulators import create_sandbox
-from e2e_reme.simulators.ansible import run_playbook
+from e2e_reme.simulators.sandbox.ansible import run_playbook
 from e2e_reme.simulators.faults import fault_available, fault_catalog, forget_faults, get_fault, make_fault
 from e2e_reme.simulators.reports import build_report
 from e2e_reme.simulators.policies.expert import expert_playbook
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 from e2e_reme.simulators.systems.spec import load_system
-from e2e_reme.simulators.verifier import take_baseline, verify
+from e2e_reme.simulators.verification.verifier import take_baseline, verify
 
 PHASES = ("inject", "active", "report", "execute", "verify", "verify_legacy")
 

@@ -1,5 +1,5 @@
 """`POST /v1/remediate` without Ray: request checks, the prompt, and what happens to the
-answer, through the benchmark's own execution path (`simulators.execution.run_pipeline`)
+answer, through the benchmark's own execution path (`simulators.playbook.execution.run_pipeline`)
 and verifier. The Serve deployment (serve/app.py) calls these; tests may too.
 
 Modes:
@@ -78,7 +78,7 @@ def resolve_sandbox(cfg: ServeConfig, name: str):
         raise ApiError(403, f"sandbox '{name}' is not one this server may use (allowed: "
                             f"{', '.join(cfg.sandboxes) or 'none'}); name a sandbox matching those patterns",
                        field="sandbox", kind="permission_error")
-    from e2e_reme.simulators.sandbox import attach, list_sandboxes
+    from e2e_reme.simulators.sandbox.base import attach, list_sandboxes
     if name not in {r.name for r in list_sandboxes()}:
         raise ApiError(404, f"sandbox '{name}' is unknown: no live sandbox of this project has that name; create "
                             f"one with `remed sandbox up` or list them with `remed sandbox ls`",
@@ -139,7 +139,7 @@ class Runner:
     def run(self, p: Plan, text: str, request_id: str) -> dict:
         """Blocking: the pipeline's result as the response's fields (gate, syntax_check,
         stage, execution, verdict)."""
-        from e2e_reme.simulators.execution import run_pipeline
+        from e2e_reme.simulators.playbook.execution import run_pipeline
         if p.sandbox is None:
             tmp = Path(tempfile.mkdtemp(prefix="remed-serve-"))
             try:
@@ -170,7 +170,7 @@ class Runner:
         from e2e_reme.simulators.errors import DeployError, NotDeployed
         from e2e_reme.simulators.faults import injected_faults
         from e2e_reme.simulators.systems.deploy import load_deployment, wait_healthy
-        from e2e_reme.simulators.verifier import stored_baseline, verify
+        from e2e_reme.simulators.verification.verifier import stored_baseline, verify
         try:
             dep = load_deployment(sb)
         except (NotDeployed, DeployError) as e:

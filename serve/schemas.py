@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from e2e_reme.simulators.reports import LEVELS, DiagnosisReport
 
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-SANDBOX_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")     # simulators/state.py NAME_RE
+SANDBOX_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")     # simulators/sandbox/state.py NAME_RE
 MAX_ANSWER_CHARS = 64_000
 
 

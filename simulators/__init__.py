@@ -1,9 +1,9 @@
 """What a sandbox is: backends (nspawn, libvirt) that boot the guest image into nodes on a
 private network, and (in later stages) the systems, faults and verifier that run in them."""
 
-from .errors import (HostNotCapable, NodeUnreachable, NoFreeAddress, SandboxError, SandboxExists,
+from e2e_reme.simulators.errors import (HostNotCapable, NodeUnreachable, NoFreeAddress, SandboxError, SandboxExists,
                      SandboxNotFound, SandboxNotReady, UnknownBackend)
-from .sandbox import (ExecResult, Sandbox, SandboxConfig, attach, backend_catalog, create_sandbox, gc,
+from e2e_reme.simulators.sandbox.base import (ExecResult, Sandbox, SandboxConfig, attach, backend_catalog, create_sandbox, gc,
                       get_backend, list_sandboxes, register)
 
 __all__ = ["ExecResult", "Sandbox", "SandboxConfig", "attach", "backend_catalog", "create_sandbox", "gc",

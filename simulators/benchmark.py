@@ -35,10 +35,10 @@ from typing import Any, Callable
 
 from e2e_reme.config import build
 
-from .campaign import (Case, RecordStore, Skipped, make_cases, parse_backends, per_group, publish, run_local,
+from e2e_reme.simulators.campaign import (Case, RecordStore, Skipped, make_cases, parse_backends, per_group, publish, run_local,
                        stats)
-from .episode import EpisodeConfig
-from .policies.base import make_policy
+from e2e_reme.simulators.episode import EpisodeConfig
+from e2e_reme.simulators.policies.base import make_policy
 
 SUITES = ("easy", "medium", "hard")
 

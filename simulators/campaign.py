@@ -36,13 +36,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .episode import EpisodeConfig, Scenario, Slot, run_case
-from .faults.base import canonical_name, fault_available, get_fault
-from .policies.base import Policy
-from .sandbox import get_backend
-from .state import DEFAULT_POOL, node_addresses
-from .systems.deploy import targets_for
-from .systems.spec import list_systems, load_system
+from e2e_reme.simulators.episode import EpisodeConfig, Scenario, Slot, run_case
+from e2e_reme.simulators.faults.base import canonical_name, fault_available, get_fault
+from e2e_reme.simulators.policies.base import Policy
+from e2e_reme.simulators.sandbox.base import get_backend
+from e2e_reme.simulators.sandbox.state import DEFAULT_POOL, node_addresses
+from e2e_reme.simulators.systems.deploy import targets_for
+from e2e_reme.simulators.systems.spec import list_systems, load_system
 
 
 def _quiet(kind: str, payload: Any) -> None:

@@ -30,19 +30,18 @@ import json
 import random
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from .errors import FaultError, SandboxError
-from .execution import ExecutionOutcome, run_pipeline
-from .faults import forget_faults, make_fault, recover_all
-from .faults.base import get_fault
-from .policies.base import Policy, PolicyContext, TrialFeedback
-from .reports import add_noise, build_report
-from .sandbox import Sandbox
-from .systems.deploy import Deployment, health_all, wait_healthy
-from .verifier import take_baseline, verify
+from e2e_reme.simulators.errors import FaultError, SandboxError
+from e2e_reme.simulators.playbook.execution import ExecutionOutcome, run_pipeline
+from e2e_reme.simulators.faults import forget_faults, make_fault, recover_all
+from e2e_reme.simulators.policies.base import Policy, PolicyContext, TrialFeedback
+from e2e_reme.simulators.reports import add_noise, build_report
+from e2e_reme.simulators.sandbox.base import Sandbox
+from e2e_reme.simulators.systems.deploy import Deployment, health_all, wait_healthy
+from e2e_reme.simulators.verification.verifier import take_baseline, verify
 
 SCHEMA_VERSION = 1
 OUTCOMES = ("success", "failure", "injection_failure", "infra_failure")
@@ -131,7 +130,7 @@ def weak_health(sb: Sandbox, deployment: Deployment, window_s: float = 2.0) -> d
     """What a multi-trial policy is told after a trial: each service's health probe and the
     error rate of a short burst through the entry. Deliberately weaker than the verifier
     (no fault ground truth, no integrity, no seed data, no SLO window)."""
-    from .systems.loadgen import run_load
+    from e2e_reme.simulators.systems.loadgen import run_load
     probes = health_all(deployment.targets, timeout=2.0)
     load = run_load(deployment, window_s=window_s, timeout_s=3.0)
     services = {n: ("healthy" if p.ok else f"unhealthy ({p.detail[:80]})") for n, p in probes.items()}
@@ -181,9 +180,8 @@ def run_episode(sb: Sandbox, deployment: Deployment, scenario: Scenario, policy:
     rec = EpisodeRecord(id=episode_id, scenario=asdict(scenario), policy=getattr(policy, "name", str(policy)),
                         backend=sb.backend, sandbox=sb.name, config=asdict(config), started_at=time.time())
     clock = _Clock(rec.timings)
-    step = progress or (lambda s: None)
     try:
-        _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step)
+        _episode(_Episode(sb, deployment, scenario, policy, config, rec, edir, clock, progress or (lambda s: None)))
     except SandboxError as e:
         rec.outcome, rec.error_class, rec.reason = "infra_failure", type(e).__name__, str(e)
     except KeyboardInterrupt:
@@ -221,130 +219,192 @@ def _cleanup(sb: Sandbox, rec: EpisodeRecord) -> None:
         rec.reason = rec.reason or f"cleanup needed a reset: {e}"
 
 
-def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step) -> None:
-    rng = random.Random(f"{scenario.seed}:{scenario.index}:{scenario.fault}:{scenario.target}")
+@dataclass
+class _Episode:
+    """What the phases of one episode share: where it runs, what it runs, where it writes."""
 
-    step("reset")
-    rec.stage = "reset"
-    with clock("reset"):
-        sb.reset()
-        forget_faults(sb)   # the reset discarded them with the node
-    with clock("deploy_check"):
+    sb: Sandbox
+    deployment: Deployment
+    scenario: Scenario
+    policy: Policy
+    config: EpisodeConfig
+    rec: EpisodeRecord
+    edir: Path
+    clock: _Clock
+    step: Callable[[str], None]
+
+    def stage(self, name: str, say: str | None = None) -> None:
+        self.step(say or name)
+        self.rec.stage = name
+
+
+def _episode(ep: _Episode) -> None:
+    """The phases in order; each returns what the next needs. A phase that ends the episode
+    early (the fault could not be injected or confirmed) has written the outcome."""
+    baseline = _reset(ep)
+    fault = _inject(ep)
+    if fault is None or not _confirm(ep, fault):
+        return
+    report = _report(ep, fault)
+    outcome = _remediate(ep, report)
+    ep.step("settle")
+    with ep.clock("settle"):
+        _settle(ep.sb, ep.deployment, fault, ep.config.settle_timeout_s)
+    _judge(ep, baseline, fault, outcome)
+
+
+def _reset(ep: _Episode):
+    """The sandbox back to its deployment, healthy; the verifier's baseline of it."""
+    ep.stage("reset")
+    with ep.clock("reset"):
+        ep.sb.reset()
+        forget_faults(ep.sb)   # the reset discarded them with the node
+    with ep.clock("deploy_check"):
         try:
-            wait_healthy(sb, deployment, timeout_s=60)
-            baseline = take_baseline(sb, deployment)
+            wait_healthy(ep.sb, ep.deployment, timeout_s=60)
+            return take_baseline(ep.sb, ep.deployment)
         except Exception as e:
-            raise SandboxError(f"sandbox {sb.name}: the deployed baseline is not healthy after a "
+            raise SandboxError(f"sandbox {ep.sb.name}: the deployed baseline is not healthy after a "
                                f"reset: {e}") from e
 
-    step("inject")
-    rec.stage = "inject"
-    if scenario.target not in deployment.targets:
-        raise ValueError(f"scenario {scenario.id}: no service '{scenario.target}' in {deployment.system}; "
-                         f"it has: {', '.join(deployment.targets)}")
-    with clock("inject"):
+
+def _inject(ep: _Episode):
+    """The scenario's fault, injected; None (and an injection failure recorded) when it
+    could not be. A sandbox that stops answering is infrastructure and raises."""
+    ep.stage("inject")
+    sc, dep, rec = ep.scenario, ep.deployment, ep.rec
+    if sc.target not in dep.targets:
+        raise ValueError(f"scenario {sc.id}: no service '{sc.target}' in {dep.system}; "
+                         f"it has: {', '.join(dep.targets)}")
+    with ep.clock("inject"):
         try:
-            fault = make_fault(scenario.fault, deployment.targets[scenario.target], deployment.targets,
-                               params=scenario.params or None, seed=scenario.seed)
-            fault.inject(sb)
+            fault = make_fault(sc.fault, dep.targets[sc.target], dep.targets, params=sc.params or None, seed=sc.seed)
+            fault.inject(ep.sb)
+            return fault
         except FaultError as e:      # unavailable here, or refused by the target: the fault's doing
             rec.outcome, rec.error_class, rec.reason = "injection_failure", type(e).__name__, str(e)
-            return
-        except SandboxError:         # the sandbox stopped answering: infrastructure
+            return None
+        except SandboxError:         # the sandbox stopped answering (FaultError is one too): infrastructure
             raise
         except Exception as e:
             rec.outcome, rec.error_class, rec.reason = "injection_failure", type(e).__name__, str(e)
-            return
-    rec.stage = "confirm"
-    with clock("confirm"):
+            return None
+
+
+def _confirm(ep: _Episode, fault) -> bool:
+    """Whether the fault's ground truth reads active in time (else an injection failure)."""
+    ep.rec.stage = "confirm"
+    with ep.clock("confirm"):
         t0 = time.monotonic()
-        while not fault.is_active(sb):
-            if time.monotonic() - t0 > config.confirm_timeout_s:
-                rec.outcome, rec.error_class = "injection_failure", "NotConfirmed"
-                rec.reason = f"{fault.name} on {scenario.target}: not active after {config.confirm_timeout_s:.0f} s"
-                return
+        while not fault.is_active(ep.sb):
+            if time.monotonic() - t0 > ep.config.confirm_timeout_s:
+                ep.rec.outcome, ep.rec.error_class = "injection_failure", "NotConfirmed"
+                ep.rec.reason = (f"{fault.name} on {ep.scenario.target}: not active after "
+                                 f"{ep.config.confirm_timeout_s:.0f} s")
+                return False
             time.sleep(0.2)
+    return True
 
-    step("report")
-    rec.stage = "report"
-    with clock("report"):
-        report = build_report(sb, deployment, [fault], config.report_detail, window_s=config.report_window_s)
+
+def _report(ep: _Episode, fault):
+    """The diagnosis report the policy reads (with the configured noise), kept in the record."""
+    ep.stage("report")
+    sc, config, rec = ep.scenario, ep.config, ep.rec
+    rng = random.Random(f"{sc.seed}:{sc.index}:{sc.fault}:{sc.target}")
+    with ep.clock("report"):
+        report = build_report(ep.sb, ep.deployment, [fault], config.report_detail, window_s=config.report_window_s)
         if config.report_noise and rng.random() < config.report_noise:
-            report, rec.noise = add_noise(report, sb, deployment, rng)
+            report, rec.noise = add_noise(report, ep.sb, ep.deployment, rng)
     rec.report, rec.report_text = report.to_dict(), report.to_text()
-    (edir / "report.json").write_text(report.to_json())
-
-    inventory = sb.write_inventory(edir / "hosts.yaml")
-    hosts = tuple(n.name for n in sb.nodes)
+    (ep.edir / "report.json").write_text(report.to_json())
+    return report
+def _remediate(ep: _Episode, report) -> ExecutionOutcome | None:
+    """The policy's trials: generate, run the playbook; a multi-trial policy reads weak
+    feedback and tries again. The last trial's execution outcome (None: the policy failed
+    before any playbook)."""
+    hosts = tuple(n.name for n in ep.sb.nodes)
+    ep.sb.write_inventory(ep.edir / "hosts.yaml")
     probe = None
-    if config.probes:
-        from .policies.tools import make_probe
-        probe = make_probe(sb, hosts)
-    ctx = PolicyContext(report=report, inventory_hosts=hosts, system=deployment.system, seed=scenario.seed,
-                        probe=probe, episode_id=scenario.id)
+    if ep.config.probes:
+        from e2e_reme.simulators.policies.tools import make_probe
+        probe = make_probe(ep.sb, hosts)
+    ctx = PolicyContext(report=report, inventory_hosts=hosts, system=ep.deployment.system, seed=ep.scenario.seed,
+                        probe=probe, episode_id=ep.scenario.id)
     feedback: list[TrialFeedback] = []
-    max_trials = max(1, int(getattr(policy, "max_trials", 1)))
+    max_trials = max(1, int(getattr(ep.policy, "max_trials", 1)))
     outcome: ExecutionOutcome | None = None
     for trial in range(1, max_trials + 1):
-        step(f"generate (trial {trial})")
-        rec.stage = "generate"
-        tdir = edir / f"trial-{trial}"
-        tdir.mkdir(exist_ok=True)
-        with clock("generate"):
-            try:
-                gen = policy.generate(ctx, feedback)
-            except Exception as e:   # a model server that fails is the policy's failure, recorded
-                rec.trials.append({"trial": trial, "error": f"{type(e).__name__}: {e}"})
-                rec.error_class, rec.reason = type(e).__name__, f"the policy failed: {e}"
-                (tdir / "error.txt").write_text(traceback.format_exc())
-                break
-        for k, v in (("prompt", gen.prompt_tokens), ("completion", gen.completion_tokens)):
-            rec.tokens[k] = None if (v is None or rec.tokens[k] is None) else rec.tokens[k] + v
-        (tdir / "output.txt").write_text(gen.text)
-        (tdir / "messages.json").write_text(json.dumps(gen.messages, indent=1, default=str))
-
-        step(f"execute (trial {trial})")
-        # "pipeline" is the whole of run_pipeline; its stages (extract ... execute) are
-        # added beside it, each under its own name, so no phase is counted twice.
-        with clock("pipeline"):
-            outcome = run_pipeline(gen.text, sandbox=sb, inventory_hosts=hosts, workdir=tdir,
-                                   timeout_s=config.exec_timeout_s,
-                                   check_idempotence=config.check_idempotence)
-        for k, v in outcome.timings.items():
-            rec.timings[k] = round(rec.timings.get(k, 0.0) + v, 3)
-        trial_rec = {"trial": trial, "messages": gen.messages, "output": gen.text, "model": gen.model,
-                     "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                     "tool_calls": gen.tool_calls, "latency_s": round(gen.latency_s, 3),
-                     "extra": gen.extra, "execution": outcome.to_dict()}
-        rec.trials.append(trial_rec)
-        rec.playbook = outcome.playbook_text
-        rec.stage, rec.error_class, rec.reason = outcome.stage, outcome.error_class, outcome.reason
+        gen = _generate(ep, ctx, feedback, trial)
+        if gen is None:
+            break
+        outcome = _execute(ep, gen, hosts, trial)
         if trial == max_trials:
             break
-        with clock("feedback"):
-            health = weak_health(sb, deployment)
-        trial_rec["health"] = health
+        with ep.clock("feedback"):
+            health = weak_health(ep.sb, ep.deployment)
+        ep.rec.trials[-1]["health"] = health
         if outcome.executed_ok and health["ok"]:
             break
         feedback.append(TrialFeedback(trial=trial, stage=outcome.stage, error_class=outcome.error_class,
                                       reason=outcome.reason, execution=outcome.summary(), health=health))
+    return outcome
 
-    step("settle")
-    with clock("settle"):
-        _settle(sb, deployment, fault, config.settle_timeout_s)
 
-    # Every episode is judged, whatever the pipeline did: a playbook that failed half-way may
-    # still have fixed the system, and one that "succeeded" may not have.
-    step("verify")
-    with clock("verify"):
-        verdict = verify(sb, deployment, baseline, [fault],
-                         **({} if config.verify_load else {"load_check": None}))
+def _generate(ep: _Episode, ctx: PolicyContext, feedback: list[TrialFeedback], trial: int):
+    """One answer of the policy, written beside the trial; None when the policy itself failed
+    (a model server that fails is the policy's failure, recorded)."""
+    ep.stage("generate", f"generate (trial {trial})")
+    rec, tdir = ep.rec, ep.edir / f"trial-{trial}"
+    tdir.mkdir(exist_ok=True)
+    with ep.clock("generate"):
+        try:
+            gen = ep.policy.generate(ctx, feedback)
+        except Exception as e:
+            rec.trials.append({"trial": trial, "error": f"{type(e).__name__}: {e}"})
+            rec.error_class, rec.reason = type(e).__name__, f"the policy failed: {e}"
+            (tdir / "error.txt").write_text(traceback.format_exc())
+            return None
+    for k, v in (("prompt", gen.prompt_tokens), ("completion", gen.completion_tokens)):
+        rec.tokens[k] = None if (v is None or rec.tokens[k] is None) else rec.tokens[k] + v
+    (tdir / "output.txt").write_text(gen.text)
+    (tdir / "messages.json").write_text(json.dumps(gen.messages, indent=1, default=str))
+    return gen
+
+
+def _execute(ep: _Episode, gen, hosts: tuple[str, ...], trial: int) -> ExecutionOutcome:
+    """The answer through the playbook path (extract, gate, syntax check, run); the trial's
+    record with its generation and execution."""
+    ep.step(f"execute (trial {trial})")
+    rec = ep.rec
+    # "pipeline" is the whole of run_pipeline; its stages (extract ... execute) are
+    # added beside it, each under its own name, so no phase is counted twice.
+    with ep.clock("pipeline"):
+        outcome = run_pipeline(gen.text, sandbox=ep.sb, inventory_hosts=hosts, workdir=ep.edir / f"trial-{trial}",
+                               timeout_s=ep.config.exec_timeout_s, check_idempotence=ep.config.check_idempotence)
+    for k, v in outcome.timings.items():
+        rec.timings[k] = round(rec.timings.get(k, 0.0) + v, 3)
+    rec.trials.append({"trial": trial, "messages": gen.messages, "output": gen.text, "model": gen.model,
+                       "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                       "tool_calls": gen.tool_calls, "latency_s": round(gen.latency_s, 3),
+                       "extra": gen.extra, "execution": outcome.to_dict()})
+    rec.playbook = outcome.playbook_text
+    rec.stage, rec.error_class, rec.reason = outcome.stage, outcome.error_class, outcome.reason
+    return outcome
+
+
+def _judge(ep: _Episode, baseline, fault, outcome: ExecutionOutcome | None) -> None:
+    """The verdict decides the outcome, whatever the pipeline did: a playbook that failed
+    half-way may still have fixed the system, and one that "succeeded" may not have."""
+    ep.step("verify")
+    rec = ep.rec
+    with ep.clock("verify"):
+        verdict = verify(ep.sb, ep.deployment, baseline, [fault],
+                         **({} if ep.config.verify_load else {"load_check": None}))
     rec.verdict = verdict.to_dict()
-    (edir / "verdict.json").write_text(verdict.to_json())
+    (ep.edir / "verdict.json").write_text(verdict.to_json())
     if not verdict.judged:
         rec.outcome, rec.error_class, rec.reason = "infra_failure", "NotJudged", verdict.reason
-        return
-    if verdict.success:
+    elif verdict.success:
         rec.outcome = "success"
         if outcome is None or not outcome.executed_ok:
             # The system is fixed although the pipeline stopped (e.g. a late task failed):
@@ -353,7 +413,7 @@ def _episode(sb, deployment, scenario, policy, config, rec, edir, clock, step) -
         else:
             rec.stage, rec.reason = "done", ""
     elif outcome is not None and outcome.error_class == "InternalError":
-        # Our pipeline could not run the answer (execution.py): the policy was never judged.
+        # Our pipeline could not run the answer (playbook/execution.py): the policy was never judged.
         rec.outcome = "infra_failure"
     else:
         rec.outcome = "failure"
@@ -388,9 +448,9 @@ class Slot:
         return self.sb is not None and self.dep is not None
 
     def up(self) -> "Slot":
-        from .sandbox import create_sandbox
-        from .systems.deploy import deploy
-        from .systems.spec import load_system
+        from e2e_reme.simulators.sandbox.base import create_sandbox
+        from e2e_reme.simulators.systems.deploy import deploy
+        from e2e_reme.simulators.systems.spec import load_system
         spec = load_system(self.system)
         t0 = time.monotonic()
         self.sb = create_sandbox(self.backend, nodes=spec.nodes, name=self.name, **self.sandbox_options)

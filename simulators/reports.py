@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from .probe import probe_all
-from .sandbox import Sandbox
+from e2e_reme.simulators.systems.probe import probe_all
+from e2e_reme.simulators.sandbox.base import Sandbox
 
 LEVELS = ("full", "symptoms", "minimal")
 
@@ -192,7 +192,7 @@ def _evidence_lines(ev: dict) -> list[str]:
 
 
 def _metrics_safe(target) -> dict | None:
-    from .systems.deploy import metrics
+    from e2e_reme.simulators.systems.deploy import metrics
     if target.kind != "http":
         return None
     try:
@@ -210,7 +210,7 @@ def _all_metrics(targets: dict) -> dict:
 
 def observe_system(sb: Sandbox, deployment: Any, window_s: float = 3.0) -> dict:
     """A short burst of the standard load, with each service's counters around it."""
-    from .systems.loadgen import run_load
+    from e2e_reme.simulators.systems.loadgen import run_load
     targets = deployment.targets
     before = _all_metrics(targets)
     load = run_load(deployment, window_s=window_s, timeout_s=3.0)
@@ -278,7 +278,7 @@ def add_noise(report: DiagnosisReport, sb: Sandbox, deployment: Any, rng) -> tup
     location too), or, at the full level, another failure kind of another category. Return
     the noised report and what was changed (None where the level names nothing to change)."""
     from dataclasses import replace
-    from .faults.base import fault_catalog
+    from e2e_reme.simulators.faults.base import fault_catalog
     if report.service is None:
         return report, None
     options = ["service"] + (["kind"] if report.level == "full" and report.fault_kind else [])

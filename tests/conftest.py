@@ -49,7 +49,7 @@ def no_leaked_sandboxes():
 def no_orphaned_container_processes():
     """A container whose record is gone but whose processes live on (its init, services, an
     injected stress-ng) is the worst leak: it holds the CPU for hours, unseen by `ls`."""
-    from e2e_reme.simulators.backends.nspawn import NspawnSandbox
+    from e2e_reme.simulators.sandbox.backends.nspawn import NspawnSandbox
 
     def orphans() -> dict[str, list[int]]:
         return {m: pids for m, pids in NspawnSandbox.stray_cgroups(list_sandboxes()).items() if pids}

@@ -127,7 +127,7 @@ class ReportReader:
 
 @pytest.mark.parametrize("policy", ["solo", "think"])
 def test_model_backed_policies_run_end_to_end_against_a_model_server(image, tmp_path, policy):
-    from e2e_reme.simulators.policies.local_server import LocalChatServer
+    from e2e_reme.serve.local_server import LocalChatServer
     suite = tmp_path / "suite.txt"
     suite.write_text("pod-fail\n")
     cfg = tmp_path / "bench.yaml"

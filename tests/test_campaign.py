@@ -13,7 +13,7 @@ import pytest
 
 from e2e_reme.simulators.campaign import (Planner, RecordStore, Skipped, list_suites, load_suite, make_cases,
                                           per_group, sample_cases, service_cases, stats, wilson, write_chart)
-from e2e_reme.simulators.doctor import HostReport, Usable
+from e2e_reme.simulators.sandbox.doctor import HostReport, Usable
 
 EPISODES = Path(__file__).parent / "data" / "train-episodes.jsonl"
 

@@ -1,7 +1,7 @@
 """Containment: a model-written playbook never runs code on, reads from, or reaches the host.
 
-The boundary is structural (simulators/controller.py: the playbook is interpreted in a
-jail on the sandbox's own network; simulators/netguard.py: nodes cannot open connections
+The boundary is structural (simulators/sandbox/controller.py: the playbook is interpreted in a
+jail on the sandbox's own network; simulators/sandbox/netguard.py: nodes cannot open connections
 to the host or other sandboxes). The gate is only defence in depth, so the attacks here
 go to the jail directly, as if the gate had let them through; each family also has a
 control run through a plain host controller where that is safe to show the attack is real.
@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from e2e_reme.simulators import create_sandbox, gc
-from e2e_reme.simulators import netguard
-from e2e_reme.simulators.ansible import run_playbook
-from e2e_reme.simulators.controller import JailJob, run_jailed
-from e2e_reme.simulators.execution import MAX_ANSWER_CHARS, run_pipeline
+from e2e_reme.simulators.sandbox import netguard
+from e2e_reme.simulators.sandbox.ansible import run_playbook
+from e2e_reme.simulators.sandbox.controller import JailJob, run_jailed
+from e2e_reme.simulators.playbook.execution import MAX_ANSWER_CHARS, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +146,10 @@ def test_the_key_the_jail_holds_is_a_copy_in_its_scratch_space(sb, tmp_path):
 
 def test_the_jail_leaves_no_mount_or_process(sb, tmp_path):
     jailed(sb, tmp_path, [{"hosts": "n0", "gather_facts": False, "tasks": [{"ping": None}]}])
-    from e2e_reme.simulators.controller import _jail_processes
+    from e2e_reme.simulators.sandbox.controller import _jail_processes
     assert not (sb.record.dir / "ctl").exists()
     assert str(sb.record.dir / "ctl") not in Path("/proc/self/mountinfo").read_text()
-    assert all(f"--machine=rm{sb.record.slot}ctl" not in argv for argv in _jail_processes().values())
+    assert all(f"--machine=rm{sb.record.number}ctl" not in argv for argv in _jail_processes().values())
 
 
 # ---- family 3: the network ---------------------------------------------------------------------

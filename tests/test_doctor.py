@@ -13,8 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from e2e_reme.simulators import doctor
-from e2e_reme.simulators.doctor import (BACKENDS, CHECK_NAMES, MECHANISMS, STATUSES, Check,
+from e2e_reme.simulators.sandbox import doctor
+from e2e_reme.simulators.sandbox.doctor import (BACKENDS, CHECK_NAMES, MECHANISMS, STATUSES, Check,
                                         HostReport, probe_host)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network-namespace probes need root")
@@ -182,7 +182,7 @@ def test_every_probe_raising_still_yields_a_full_report(monkeypatch):
 def test_kvm_is_unknown_when_the_kvm_module_cannot_be_imported(monkeypatch):
     if not os.path.exists("/dev/kvm"):
         pytest.skip("without /dev/kvm the doctor does not consult the KVM probe")
-    monkeypatch.setitem(sys.modules, "e2e_reme.simulators.kvm", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "e2e_reme.simulators.sandbox.kvm", None)  # import now fails
     assert probe_host().check("kvm").status == "unknown"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 
 from e2e_reme.simulators import create_sandbox
 from e2e_reme.simulators.errors import PlaybookParseError
-from e2e_reme.simulators.execution import ERROR_CLASSES, STAGES, extract_yaml, parse_playbook, run_pipeline
+from e2e_reme.simulators.playbook.execution import ERROR_CLASSES, STAGES, extract_yaml, parse_playbook, run_pipeline
 
 PLAY = "- hosts: n0\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping: {}\n"
 
@@ -140,6 +141,16 @@ def test_execute_false_stops_after_the_syntax_check(env, tmp_path):
                    execute=False)
     assert (out.stage, out.ok, out.run) == ("done", True, None)
     assert sb.exec("test -e /tmp/exec-dry").rc == 1
+
+
+def test_no_ansible_beside_the_interpreter_is_ours_not_the_playbooks(env, tmp_path, monkeypatch):
+    # An interpreter without Ansible in its venv (a second checkout sharing another's
+    # packages): the jail could not check anything, so the playbook is not judged.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bare" / "bin" / "python"))
+    out = pipeline(env, tmp_path, [{"ansible.builtin.file": {"path": "/tmp/exec-bare", "state": "touch"}}])
+    assert (out.stage, out.ok, out.error_class) == ("syntax", False, "InternalError")
+    assert "ansible-playbook" in out.reason and "pip install" in out.reason
+    assert env[0].exec("test -e /tmp/exec-bare").rc == 1
 
 
 def test_an_unknown_module_stops_at_syntax(env, tmp_path):

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from e2e_reme.simulators import create_sandbox
-from e2e_reme.simulators.ansible import run_playbook
+from e2e_reme.simulators.sandbox.ansible import run_playbook
 from e2e_reme.simulators.errors import FaultError, FaultUnavailable, UnknownFault
 from e2e_reme.simulators.faults import (Fault, fault_available, fault_catalog, forget_faults,
                                         get_fault, injected_faults, make_fault, recover_all)
@@ -486,7 +486,7 @@ def test_the_runtime_check_reads_a_libvirt_guest_through_the_verifiers_toolset(l
     and the guest's files, so issue 14's first family (the service's own process turned
     into a canned responder by a PYTHONPATH drop-in) fails the verdict on libvirt too, and
     the untouched guest passes it."""
-    from e2e_reme.simulators.verifier import take_baseline, verify
+    from e2e_reme.simulators.verification.verifier import take_baseline, verify
 
     def runtime_check():
         v = verify(lv.sb, lv.dep, base, seed_check=None, load_check=None, function_check=None)

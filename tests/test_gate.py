@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from e2e_reme.simulators.faults import fault_catalog
-from e2e_reme.simulators.gate import RULES, GateResult, Violation, check_playbook, check_text
+from e2e_reme.simulators.playbook.gate import RULES, GateResult, Violation, check_playbook, check_text
 from e2e_reme.simulators.policies.expert import RunbookInput, expert_playbook
 from e2e_reme.simulators.systems.target import ServiceTarget
 

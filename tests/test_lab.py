@@ -98,7 +98,7 @@ def test_the_configuration_inits_and_validates_offline_with_no_provider(tmp_path
 def test_what_a_host_can_run_is_read_from_its_doctor_report():
     """This machine's real report (nspawn works here; netem does not, so network delay
     and loss faults are said to be unavailable in nspawn sandboxes)."""
-    from e2e_reme.simulators.doctor import probe_host
+    from e2e_reme.simulators.sandbox.doctor import probe_host
     report = probe_host().to_dict()
     can, cannot = capabilities(report)
     usable = [b for b, u in report["backends"].items() if u["usable"]]

@@ -3,7 +3,7 @@
 One sandbox is booted for the module (under TCG here a boot is most of a minute) and
 the tests use it in order; the last ones power a node off and finally stop it.
 Timings asserted here are generous bounds; the measured ones are in the backend's
-docstring (simulators/backends/libvirt.py)."""
+docstring (simulators/sandbox/backends/libvirt.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 
 from e2e_reme.simulators import (HostNotCapable, SandboxNotReady, attach, create_sandbox,
                                  get_backend, list_sandboxes)
-from e2e_reme.simulators.backends.libvirt import _links, _qemu_processes, uri
-from e2e_reme.simulators.kvm import KvmVerdict, kvm_probe
+from e2e_reme.simulators.sandbox.backends.libvirt import _links, _qemu_processes, uri
+from e2e_reme.simulators.sandbox.kvm import KvmVerdict, kvm_probe
 
 pytestmark = pytest.mark.vm
 
@@ -60,16 +60,16 @@ def sb(libvirt_host, image):
 
 def leftovers(record) -> list[str]:
     """Everything of this sandbox that could still be on the host."""
-    domains = {f"remed-{record.slot}-n{n.index}" for n in record.nodes}
+    domains = {f"remed-{record.number}-n{n.index}" for n in record.nodes}
     conn = _libvirt()
     try:
         found = [f"domain {d.name()}" for d in conn.listAllDomains() if d.name() in domains]
         found += [f"network {n.name()}" for n in conn.listAllNetworks()
-                  if n.name() == f"remed-{record.slot}"]
+                  if n.name() == f"remed-{record.number}"]
     finally:
         conn.close()
     found += [f"qemu {d}" for d in _qemu_processes() if d in domains]
-    found += [f"link {l}" for l in _links() if l == f"rmvbr{record.slot}"]
+    found += [f"link {l}" for l in _links() if l == f"rmvbr{record.number}"]
     found += [f"overlay {p}" for p in record.dir.glob("n*/disk.qcow2")]
     found += [f"record {r.name}" for r in list_sandboxes() if r.name == record.name]
     return found
@@ -133,7 +133,7 @@ def test_each_node_gets_its_fixed_address_from_the_sandbox_network(sb):
     for n in sb.nodes:
         addr = sb.exec("ip -4 -o addr show dev eth0", node=n.index).stdout
         assert f"inet {n.ip}/24" in addr
-    # The host answers nothing a node starts (simulators/netguard.py), its DHCP aside.
+    # The host answers nothing a node starts (simulators/sandbox/netguard.py), its DHCP aside.
     assert not sb.exec(f"ping -c1 -W2 {sb.record.gateway}", node=0).ok
     if NODES > 1:
         assert sb.exec(f"ping -c1 -W2 {sb.nodes[1].hostname}", node=0).ok
@@ -168,7 +168,7 @@ def test_inventory_drives_real_ansible(sb, tmp_path):
 
 
 def test_a_model_playbook_runs_from_the_jailed_controller_on_the_sandbox_network(sb, tmp_path):
-    from e2e_reme.simulators.execution import run_pipeline
+    from e2e_reme.simulators.playbook.execution import run_pipeline
     text = ("```yaml\n- hosts: n0\n  gather_facts: false\n  tasks:\n"
             "    - copy: {dest: /etc/remed-jail, content: \"jailed\\n\"}\n"
             "    - shell: 'setsid -f sleep 3603 </dev/null >/dev/null 2>&1'\n```\n")
@@ -238,29 +238,29 @@ def test_a_node_that_was_powered_off_reports_it_and_comes_back_with_reset(sb):
 def test_sweep_removes_only_orphans_with_our_names(libvirt_host):
     """An orphan network, bridge and domain (no record names them) go; libvirt's own
     `default` network stays."""
-    slot = 511  # the pool's last /24; the tests' sandboxes take the first free ones
+    number = 511  # the pool's last /24; the tests' sandboxes take the first free ones
     conn = _libvirt()
     try:
         had_default = "default" in conn.listNetworks() + conn.listDefinedNetworks()
-        conn.networkCreateXML(f"<network><name>remed-{slot}</name><bridge name='rmvbr{slot}'/>"
+        conn.networkCreateXML(f"<network><name>remed-{number}</name><bridge name='rmvbr{number}'/>"
                               f"<ip address='198.19.255.1' netmask='255.255.255.0'/></network>")
-        conn.defineXML(f"<domain type='qemu'><name>remed-{slot}-n0</name><memory unit='MiB'>64</memory>"
+        conn.defineXML(f"<domain type='qemu'><name>remed-{number}-n0</name><memory unit='MiB'>64</memory>"
                        "<os><type arch='x86_64'>hvm</type></os></domain>")
         backend = get_backend("libvirt")
-        assert backend.slot_busy(slot, None)
+        assert backend.number_taken(number, None)
         done = backend.sweep(list_sandboxes())
-        assert f"domain remed-{slot}-n0" in done and f"network remed-{slot}" in done
-        assert not backend.slot_busy(slot, None)
-        assert f"rmvbr{slot}" not in _links()
+        assert f"domain remed-{number}-n0" in done and f"network remed-{number}" in done
+        assert not backend.number_taken(number, None)
+        assert f"rmvbr{number}" not in _links()
         assert had_default == ("default" in conn.listNetworks() + conn.listDefinedNetworks())
     finally:
-        for name in (f"remed-{slot}-n0",):
+        for name in (f"remed-{number}-n0",):
             try:
                 conn.lookupByName(name).undefine()
             except Exception:
                 pass
         try:
-            conn.networkLookupByName(f"remed-{slot}").destroy()
+            conn.networkLookupByName(f"remed-{number}").destroy()
         except Exception:
             pass
         conn.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from e2e_reme.simulators import SandboxConfig, attach, create_sandbox, gc, list_sandboxes
-from e2e_reme.simulators.backends.nspawn import (_cgroup_dirs, _cgroup_pids, _children, _found_cgroup_dirs, _limits,
+from e2e_reme.simulators.sandbox.backends.nspawn import (_cgroup_dirs, _cgroup_pids, _children, _found_cgroup_dirs, _limits,
                                                  _loop_devices_below)
 from e2e_reme.simulators.errors import SandboxError
 
@@ -31,7 +31,7 @@ def sb(image):
 
 
 def machine(sb) -> str:
-    return f"rm{sb.record.slot}n0"
+    return f"rm{sb.record.number}n0"
 
 
 def cgroup_file(sb, name: str) -> str:
@@ -193,7 +193,7 @@ def test_node_root_cannot_lift_its_limits_or_reach_host_devices(sb, attempt):
 # ---- nothing is left behind -------------------------------------------------------------
 
 def ours_left(record) -> list[str]:
-    machines = [f"rm{record.slot}n{n.index}" for n in record.nodes]
+    machines = [f"rm{record.number}n{n.index}" for n in record.nodes]
     found = [f"loop {d}" for d in _loop_devices_below(record.dir)]
     found += [f"cgroup {cg}" for m in machines for cg in _found_cgroup_dirs(m)]
     found += [f"process {p}" for m in machines for p in _cgroup_pids(m)]
@@ -235,7 +235,7 @@ def test_gc_after_a_sigkilled_owner_removes_every_loop_device_mount_and_cgroup(i
 # ---- the defaults fit the largest system (slow: deploys train-ticket) -------------------
 
 def node_use(sb, index: int) -> dict:
-    m = f"rm{sb.record.slot}n{index}"
+    m = f"rm{sb.record.number}n{index}"
     use = {}
     for cg in _cgroup_dirs(m):
         for name, key in (("pids.current", "pids"), ("memory.max_usage_in_bytes", "memory_peak_mib")):

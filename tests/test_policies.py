@@ -15,14 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from e2e_reme.simulators.policies import Generation, PolicyContext, TrialFeedback, make_policy
-from e2e_reme.simulators.policies.local_server import LocalChatServer, ScriptedResponder
+from e2e_reme.serve.local_server import LocalChatServer, ScriptedResponder
 from e2e_reme.simulators.policies.models import (ChatModel, ModelError, OpenAIChatModel, TransformersChatModel,
                                                  make_model)
 from e2e_reme.simulators.policies.prompt import (TEMPLATES, build_messages, load_template, render_feedback,
                                                  report_text)
 from e2e_reme.simulators.policies.tools import check_command, make_probe, parse_text_probes
 from e2e_reme.simulators.reports import LEVELS, DiagnosisReport
-from e2e_reme.simulators.sandbox import ExecResult
+from e2e_reme.simulators.sandbox.base import ExecResult
 
 HOSTS = ("n0", "n1")
 PLAYBOOK = "Restart it.\n```yaml\n- hosts: n0\n  gather_facts: false\n  tasks: []\n```\n"
@@ -447,7 +447,7 @@ def test_transformers_model_generates_with_real_token_counts(tiny_model):
 
 
 def test_transformers_model_behind_the_local_server(tiny_model):
-    from e2e_reme.simulators.policies.local_server import TransformersResponder
+    from e2e_reme.serve.local_server import TransformersResponder
     responder = TransformersResponder(str(tiny_model), device="cpu")
     with LocalChatServer(responder) as srv:
         policy = make_policy("solo", base_url=srv.base_url, max_tokens=8)   # the endpoint's model

@@ -7,7 +7,7 @@ Real episodes on one simple-micro deployment in nspawn (`run_episode`: reset, ba
 real injected fault, the playbook through gate and real Ansible, verify). The cheats are
 playbooks in tests/adversarial/integrity/, what a model might write. The default run
 takes the four families of the issue and, for every fault type of the per-fault table
-(simulators/fixtable.py, docs/verdict.md), one mask judged failure and the genuine fix
+(simulators/verification/fixtable.py, docs/verdict.md), one mask judged failure and the genuine fix
 judged success; under `-m slow` also the rows another default test already covers.
 """
 
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from e2e_reme.simulators import create_sandbox, hostview
+from e2e_reme.simulators import create_sandbox
+
+from e2e_reme.simulators.sandbox import hostview
 from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
 from e2e_reme.simulators.faults import fault_available, fault_catalog, get_fault
-from e2e_reme.simulators.fixtable import FAMILIES, TABLE, render_markdown, row
+from e2e_reme.simulators.verification.fixtable import FAMILIES, TABLE, render_markdown, row
 from e2e_reme.simulators.policies import FixedPolicy, make_policy
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 
@@ -206,7 +208,7 @@ HOOKS = {
 
 
 def test_hooks_and_tools_planted_in_the_node_neither_break_nor_forge_the_probe(env):
-    from e2e_reme.simulators.probe import TOOLSET_SHA256, hash_files, probe_node
+    from e2e_reme.simulators.systems.probe import TOOLSET_SHA256, hash_files, probe_node
     sb, dep = env
     sb.reset()
     wait_healthy(sb, dep)
@@ -222,7 +224,7 @@ def test_hooks_and_tools_planted_in_the_node_neither_break_nor_forge_the_probe(e
         node, files = next(iter(seed.items()))
         assert hash_files(sb, int(node), list(files)) == files      # the host's hash, not the fake's
         # The toolset libvirt relies on, run in this node: isolated, it hashes right too.
-        from e2e_reme.simulators.probe import _HASH_SCRIPT, toolset_exec
+        from e2e_reme.simulators.systems.probe import _HASH_SCRIPT, toolset_exec
         rc, out = toolset_exec(sb, int(node), _HASH_SCRIPT, json.dumps(list(files)))
         assert rc == 0 and json.loads(out) == files
     finally:

@@ -61,7 +61,7 @@ def sandbox(image):
     """A real one-node sandbox with simple-micro deployed and a baseline recorded."""
     from e2e_reme.simulators import create_sandbox
     from e2e_reme.simulators.systems.deploy import deploy
-    from e2e_reme.simulators.verifier import record_baseline
+    from e2e_reme.simulators.verification.verifier import record_baseline
     with create_sandbox("nspawn", nodes=1, name=f"pt-srv-{secrets.token_hex(2)}") as sb:
         record_baseline(sb, deploy(sb, "simple-micro"))
         yield sb

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from e2e_reme.simulators import create_sandbox
-from e2e_reme.simulators.ansible import run_playbook
+from e2e_reme.simulators.sandbox.ansible import run_playbook
 from e2e_reme.simulators.errors import DeployError, NotDeployed, UnknownSystem
 from e2e_reme.simulators.systems.deploy import (health, health_all, load_deployment, metrics, request_entry,
                                                 verify_seed, wait_healthy)

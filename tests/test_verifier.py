@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from e2e_reme.simulators import create_sandbox
-from e2e_reme.simulators.ansible import run_playbook
+from e2e_reme.simulators.sandbox.ansible import run_playbook
 from e2e_reme.simulators.faults import make_fault
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
-from e2e_reme.simulators.verifier import Baseline, take_baseline, verify
+from e2e_reme.simulators.verification.verifier import Baseline, take_baseline, verify
 
 ADVERSARIAL = Path(__file__).parent / "adversarial"
 TARGET = "time-service"

@@ -4,7 +4,7 @@ becomes a playbook.
 
 The words live in the simulator stage (`simulators/policies/prompt.py` builds the chat
 messages from a diagnosis report, the inventory, and for multi-turn the probe observations
-and execution feedback; `simulators/execution.py` extracts the playbook from an answer);
+and execution feedback; `simulators/playbook/execution.py` extracts the playbook from an answer);
 this module re-exports them and adds the token bookkeeping training needs:
 
     messages = build_messages(report, ("n0", "n1"))              # the benchmark's SoloGen prompt
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from e2e_reme.simulators.execution import extract_yaml
+from e2e_reme.simulators.playbook.execution import extract_yaml
 from e2e_reme.simulators.policies.models import plain_messages, render_chat
 from e2e_reme.simulators.policies.prompt import (append_user, build_messages, render_feedback,
                                                  render_observations, report_text, system_prompt)

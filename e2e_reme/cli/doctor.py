@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from e2e_reme.simulators.doctor import BACKENDS, MECHANISMS, HostReport, probe_host
+from e2e_reme.simulators.sandbox.doctor import BACKENDS, MECHANISMS, HostReport, probe_host
 
 from ._common import console
 

@@ -33,7 +33,7 @@ def _deployment(sb):
 @app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The catalog: each fault type, its category, and whether it can run here, per backend."""
-    from e2e_reme.simulators.doctor import BACKENDS
+    from e2e_reme.simulators.sandbox.doctor import BACKENDS
     from e2e_reme.simulators.faults import fault_catalog, host_report
 
     report = host_report()
@@ -85,7 +85,7 @@ def inject(fault: str = typer.Argument(..., help="Fault type (see `remed fault l
                          f"its services: {', '.join(sorted(dep.targets))}")
     f = make_fault(fault, dep.targets[target], dep.targets, _params(param), seed)
     if baseline and not injected_faults(sb):
-        from e2e_reme.simulators.verifier import record_baseline
+        from e2e_reme.simulators.verification.verifier import record_baseline
         try:
             record_baseline(sb, dep)
         except RuntimeError as e:

@@ -11,7 +11,7 @@ from rich.table import Table
 from e2e_reme.simulators import attach
 from e2e_reme.simulators.faults import injected_faults
 from e2e_reme.simulators.systems.deploy import load_deployment
-from e2e_reme.simulators.verifier import record_baseline, stored_baseline, verify as run_verify
+from e2e_reme.simulators.verification.verifier import record_baseline, stored_baseline, verify as run_verify
 
 from ._common import console, err_console
 

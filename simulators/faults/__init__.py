@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..errors import FaultError, FaultUnavailable, UnknownFault
-from ..systems.target import ServiceTarget
-from .base import (CATEGORIES, COMPOUND_PREFIX, Fault, canonical_name, fault_available, fault_catalog,
+from e2e_reme.simulators.errors import FaultError, FaultUnavailable, UnknownFault
+from e2e_reme.simulators.systems.target import ServiceTarget
+from e2e_reme.simulators.faults.base import (CATEGORIES, COMPOUND_PREFIX, Fault, canonical_name, fault_available, fault_catalog,
                    fault_records, forget_faults, get_fault, host_report, injected_faults, register_fault)
-from .compound import Compound
-from .observe import observe
+from e2e_reme.simulators.faults.compound import Compound
+from e2e_reme.simulators.faults.observe import observe
 
 
 def make_fault(name: str, target: ServiceTarget, targets: Mapping[str, ServiceTarget] | None = None,

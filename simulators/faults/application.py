@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import shlex
 
-from ..errors import FaultError, FaultUnavailable
-from .base import TAG, enforced_limits, register_fault, unit_cgroup_pids_script
-from .network import _DependencyMixin
-from .resource import _Observed
+from e2e_reme.simulators.errors import FaultError, FaultUnavailable
+from e2e_reme.simulators.faults.base import TAG, enforced_limits, register_fault, unit_cgroup_pids_script
+from e2e_reme.simulators.faults.network import _DependencyMixin
+from e2e_reme.simulators.faults.resource import _Observed
 
 DROPIN_DIR = "/etc/systemd/system/{unit}.d"
 

@@ -37,8 +37,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from ..errors import FaultError, FaultUnavailable, UnknownFault
-from ..systems.target import ServiceTarget
+from e2e_reme.simulators.errors import FaultError, FaultUnavailable, UnknownFault
+from e2e_reme.simulators.systems.target import ServiceTarget
 
 CATEGORIES = ("resource", "network", "application")
 COMPOUND_PREFIX = "compound:"
@@ -79,7 +79,7 @@ def get_fault(name: str) -> type["Fault"]:
     """The class of a fault by name: a catalog name, an alias, or `compound:a+b`."""
     catalog = fault_catalog()
     if name.startswith(COMPOUND_PREFIX):
-        from .compound import compound_class
+        from e2e_reme.simulators.faults.compound import compound_class
         return compound_class(name)
     cls = catalog.get(_ALIASES.get(name, name))
     if cls is None:
@@ -100,7 +100,7 @@ def host_report():
     host does)."""
     global _REPORT
     if _REPORT is None:
-        from ..doctor import probe_host
+        from e2e_reme.simulators.sandbox.doctor import probe_host
         _REPORT = probe_host()
     return _REPORT
 
@@ -371,7 +371,7 @@ class Fault:
         """Record the fault's processes by what they are (host pid, start time, executable,
         cgroup), read from the host: later renames, stops or an erased tag do not change it.
         Waits until the tree stops growing (stress-ng forks its workers after it starts)."""
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         if not self.spawns or not hostview.supported(sb):
             return
         seen: dict = {}
@@ -389,7 +389,7 @@ class Fault:
                                   "ns_pid": p.ns_pid} for p in seen.values()]
 
     def _recorded_alive(self, sb) -> list:
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         if not self.params.get("_procs") or not hostview.supported(sb):
             return []
         alive = hostview.still_alive(self.params["_procs"])
@@ -401,7 +401,7 @@ class Fault:
     def process_residue(self, sb) -> dict:
         """The fault's recorded processes that still exist (stopped, renamed or untagged
         count: gone means gone), and any live process still carrying its tag."""
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         if not hostview.supported(sb):
             return {}
         left = self._recorded_alive(sb)

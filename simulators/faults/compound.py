@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..errors import FaultError, UnknownFault
-from ..systems.target import ServiceTarget
-from .base import COMPOUND_PREFIX, Fault, get_fault
-from .observe import observe
+from e2e_reme.simulators.errors import FaultError, UnknownFault
+from e2e_reme.simulators.systems.target import ServiceTarget
+from e2e_reme.simulators.faults.base import COMPOUND_PREFIX, Fault, get_fault
+from e2e_reme.simulators.faults.observe import observe
 
 _CLASSES: dict[tuple[str, ...], type["Compound"]] = {}
 

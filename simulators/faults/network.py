@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import shlex
 
-from ..errors import FaultError, FaultUnavailable
-from .base import needs_met, register_fault
-from .resource import _Observed
+from e2e_reme.simulators.errors import FaultError, FaultUnavailable
+from e2e_reme.simulators.faults.base import needs_met, register_fault
+from e2e_reme.simulators.faults.resource import _Observed
 
 
 def _iface_script(host: str) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import Iterable, Mapping
 
-from ..systems.target import ServiceTarget
+from e2e_reme.simulators.systems.target import ServiceTarget
 
 # Sections whose key in the facts differs from their name.
 SECTION_KEYS = {"unit": "unit_state", "node": "node_stats"}

@@ -31,9 +31,9 @@ from __future__ import annotations
 import shlex
 import time
 
-from ..errors import FaultError, FaultUnavailable
-from .base import TAG, Fault, register_fault, start_detached
-from .observe import SECTION_KEYS, observe, symptoms
+from e2e_reme.simulators.errors import FaultError, FaultUnavailable
+from e2e_reme.simulators.faults.base import TAG, Fault, register_fault, start_detached
+from e2e_reme.simulators.faults.observe import SECTION_KEYS, observe, symptoms
 
 # Below this much free space the data dir's filesystem counts as full: the runtime's
 # health probe and its request writes fail (a 4 KiB page is the smallest write on tmpfs).
@@ -162,7 +162,7 @@ class MemoryStress(_Stressor):
 
 
 def _tagged_rss_script(fault_id: str) -> str:
-    from .base import tagged_pids_script
+    from e2e_reme.simulators.faults.base import tagged_pids_script
     return (f"t=0; for p in $({tagged_pids_script(fault_id)}); do "
             f"r=$(awk '/VmRSS/ {{print int($2/1024)}}' /proc/$p/status 2>/dev/null); t=$((t + ${{r:-0}})); done; echo $t")
 
@@ -312,7 +312,7 @@ class DiskFull(_FullDisk):
         self._record_stray(sb)
 
     def _record_stray(self, sb) -> None:
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         if not hostview.supported(sb):
             return
         root = hostview.node_root(sb, self.node)
@@ -333,7 +333,7 @@ class DiskFull(_FullDisk):
         """The stray file, by inode (renamed or moved within the filesystem is still it),
         still holding most of what it filled; a filesystem made bigger around it is the
         mask docs/verdict.md rejects, not a fix."""
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         stray = self.params.get("_stray")
         if not stray or not hostview.supported(sb):
             return {}
@@ -457,7 +457,7 @@ class ReadonlyFs(_FullDisk):
     def residue(self, sb) -> dict:
         """A read-only mount still at the data dir, read from the node's mount table on the
         host: one hidden under a fresh filesystem mounted over it counts."""
-        from .. import hostview
+        from e2e_reme.simulators.sandbox import hostview
         if not hostview.supported(sb):
             return {}
         pid = hostview.init_pid(sb, self.node)

@@ -73,7 +73,7 @@ def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[...
 
 
 def policy_catalog() -> dict[str, Callable[..., Policy]]:
-    from . import runbook, solo, think  # noqa: F401  (registration on import)
+    from e2e_reme.simulators.policies import runbook, solo, think  # noqa: F401  (registration on import)
     return dict(sorted(_POLICIES.items()))
 
 

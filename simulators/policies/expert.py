@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ..faults.base import COMPOUND_PREFIX, canonical_name
+from e2e_reme.simulators.faults.base import COMPOUND_PREFIX, canonical_name
 
 # Thresholds below which a resource limit is pathological for a service of ours.
 PATHOLOGICAL = {"CPUQuota": 5.0,            # percent

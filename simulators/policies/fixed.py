@@ -9,7 +9,7 @@ what the trainer needs to attribute the reward to tokens.
 
 from __future__ import annotations
 
-from .base import Generation, PolicyContext, TrialFeedback
+from e2e_reme.simulators.policies.base import Generation, PolicyContext, TrialFeedback
 
 
 class FixedPolicy:

@@ -27,8 +27,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..reports import DiagnosisReport
-from .base import TrialFeedback
+from e2e_reme.simulators.reports import DiagnosisReport
+from e2e_reme.simulators.policies.base import TrialFeedback
 
 TEMPLATES = ("system", "solo", "think_system", "feedback")
 MODES = ("solo", "think")
@@ -86,7 +86,7 @@ def hosts_text(inventory_hosts: Iterable[str]) -> str:
 
 def allowed_text() -> str:
     """The probe allow-list as the think prompt lists it (one line per command)."""
-    from .tools import ALLOWED
+    from e2e_reme.simulators.policies.tools import ALLOWED
     return "\n".join(f"- {spec.usage}" for spec in ALLOWED.values() if spec.usage)
 
 

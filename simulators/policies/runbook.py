@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from .expert import expert_playbook
-from .base import Generation, PolicyContext, TrialFeedback, register_policy
+from e2e_reme.simulators.policies.expert import expert_playbook
+from e2e_reme.simulators.policies.base import Generation, PolicyContext, TrialFeedback, register_policy
 
 
 class RunbookPolicy:

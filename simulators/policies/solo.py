@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Generation, PolicyContext, TrialFeedback, register_policy
-from .models import ChatModel, as_model
-from .prompt import build_messages
+from e2e_reme.simulators.policies.base import Generation, PolicyContext, TrialFeedback, register_policy
+from e2e_reme.simulators.policies.models import ChatModel, as_model
+from e2e_reme.simulators.policies.prompt import build_messages
 
 
 class SoloGen:

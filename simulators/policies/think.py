@@ -23,11 +23,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .base import Generation, PolicyContext, TrialFeedback, register_policy
-from .models import ChatModel, ChatResponse, ModelError
-from .prompt import append_user, build_messages
-from .solo import model_option
-from .tools import parse_text_probes, probe_tool
+from e2e_reme.simulators.policies.base import Generation, PolicyContext, TrialFeedback, register_policy
+from e2e_reme.simulators.policies.models import ChatModel, ChatResponse, ModelError
+from e2e_reme.simulators.policies.prompt import append_user, build_messages
+from e2e_reme.simulators.policies.solo import model_option
+from e2e_reme.simulators.policies.tools import parse_text_probes, probe_tool
 
 _YAML_BLOCK = re.compile(r"```\s*(ya?ml)?\s*\n", re.I)
 NO_PROBES = "probes are unavailable in this run: answer from the report"

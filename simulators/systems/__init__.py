@@ -3,10 +3,12 @@
 - `spec`: one YAML file per system in `specs/` (services, call graph, per-request work,
   limits, placement, entry, request mix, SLO), validated with file:line errors.
 - `deploy`: renders each node's configs/units/seed data and installs them with one
-  Ansible play (`simulators.ansible.run_playbook`), waits for health, records a
+  Ansible play (`simulators.sandbox.ansible.run_playbook`), waits for health, records a
   `Deployment` (with a `ServiceTarget` per service) in the sandbox's state directory.
 - `loadgen`: drives the entry from the host at a fixed rate; checks the SLO; a
   background mode measures disruption.
+- `probe`: the ground truth of a node in one SSH round trip (units, processes, code,
+  configuration, sockets), which the reports observe and the verifier judges on.
 - The service runtime itself is `vm_images/files/opt/remed/service.py`, baked into the
   guest image as `/opt/remed/service.py`.
 

@@ -7,7 +7,7 @@
 What a deployment does: render, on the host, every node's files from the spec and the
 sandbox's node addresses (each service's config with the *real* addresses of its
 dependencies, its systemd unit, redis configs, seed data), pack them as one tarball per
-node, and run one Ansible play (through `simulators.ansible.run_playbook`) that copies
+node, and run one Ansible play (through `simulators.sandbox.ansible.run_playbook`) that copies
 the tarball, replaces any earlier deployment, starts and enables the units, and loads the
 redis seed keys. Then it waits until every service answers its health check (a probe,
 never a fixed sleep) and a request of every type of the request mix succeeds through the
@@ -49,10 +49,10 @@ from typing import Callable
 
 import yaml
 
-from ..errors import DeployError, NotDeployed
-from ..sandbox import Sandbox, attach
-from .spec import SLO, SystemSpec, load_system
-from .target import ServiceTarget
+from e2e_reme.simulators.errors import DeployError, NotDeployed
+from e2e_reme.simulators.sandbox.base import Sandbox, attach
+from e2e_reme.simulators.systems.spec import SLO, SystemSpec, load_system
+from e2e_reme.simulators.systems.target import ServiceTarget
 
 DEPLOYMENT_FILE = "deployment.json"
 RUNTIME = "/opt/remed/service.py"
@@ -378,7 +378,7 @@ def deploy(sb: Sandbox, system: str | Path | SystemSpec, *, timeout_s: float = 3
     inventory = sb.write_inventory(work / "hosts.yaml")
     t_render = time.monotonic() - t0
 
-    from ..ansible import run_playbook
+    from e2e_reme.simulators.sandbox.ansible import run_playbook
 
     def on_event(ev: dict) -> None:
         if ev.get("event") == "playbook_on_task_start":

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .deploy import Deployment
-from .spec import SLO
+from e2e_reme.simulators.systems.deploy import Deployment
+from e2e_reme.simulators.systems.spec import SLO
 
 DEFAULT_USERS = 20
 

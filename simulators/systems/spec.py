@@ -50,7 +50,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import SystemSpecError, UnknownSystem
+from e2e_reme.simulators.errors import SystemSpecError, UnknownSystem
 
 SpecError = SystemSpecError
 

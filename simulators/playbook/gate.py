@@ -4,8 +4,8 @@ A remediation playbook comes from a model and is executed as written, as root, a
 live sandbox. The gate is *defence in depth and a measurement-integrity guard*, not the
 security boundary: it is a set of pattern rules over Ansible + Jinja, a language far too
 expressive to police by pattern. The boundary is structural (the jailed Ansible
-controller, simulators/controller.py, and the sandbox's network rules,
-simulators/netguard.py; see docs/gate.md). What the gate adds:
+controller, simulators/sandbox/controller.py, and the sandbox's network rules,
+simulators/sandbox/netguard.py; see docs/gate.md). What the gate adds:
 
 1. **Nothing a playbook writes is meant to run on, read from or redirect to the
    controller.** Ansible runs some things on the controller itself: plays on `localhost`,
@@ -67,7 +67,7 @@ PROTECTED_PATHS = ("/", "/etc", "/usr", "/var", "/var/lib", "/var/lib/remed", "/
                    "/srv")
 
 # What the verifier measures against (see simulators/systems/deploy.py, the runtime in
-# vm_images/files/opt/remed/service.py, simulators/probe.py), and what keeps SSH working.
+# vm_images/files/opt/remed/service.py, simulators/systems/probe.py), and what keeps SSH working.
 # A path inside one of these is never written or deleted; a recursive operation on one of
 # their ancestors is refused too. `/etc/remed/<service>.yaml` and the units' drop-in
 # directories are deliberately not here: config faults are fixed there.

@@ -210,10 +210,10 @@ def probe_kvm() -> Check:
     # A /dev/kvm that opens is not enough: on some hosts every KVM guest kernel hangs at
     # start, so only booting a guest tells. That is kvm.py's job; we ask it.
     try:
-        from e2e_reme.simulators.kvm import kvm_probe
+        from e2e_reme.simulators.sandbox.kvm import kvm_probe
     except ImportError as e:
         return Check(KVM, "unknown", f"KVM probe not available ({e}); treated as not working",
-                     "install the complete e2e_reme (simulators/kvm.py)")
+                     "install the complete e2e_reme (simulators/sandbox/kvm.py)")
     if not os.path.exists("/dev/kvm"):
         return Check(KVM, "missing", "no /dev/kvm; libvirt guests run under TCG (slower)",
                      "use a host with hardware virtualization for KVM speed")
@@ -318,8 +318,8 @@ def probe_image() -> Check:
 # ---- derived verdicts ------------------------------------------------------------------
 
 def probe_containment() -> Check:
-    """Are the network rules of every live sandbox in force (simulators/netguard.py)?"""
-    from . import netguard, state
+    """Are the network rules of every live sandbox in force (simulators/sandbox/netguard.py)?"""
+    from e2e_reme.simulators.sandbox import netguard, state
     st = netguard.status()
     if not st.available:
         return Check(CONTAINMENT, "missing", st.reason, "apt-get install nftables")

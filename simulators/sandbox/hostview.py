@@ -80,8 +80,8 @@ def _cgroup(pid: int) -> str:
 
 def node_pids(sb, node: int) -> list[int]:
     """Host pids of every process in the node's cgroups (its init, services, strays)."""
-    from .backends.nspawn import _cgroup_pids, _machine
-    return _cgroup_pids(_machine(sb.record.slot, node))
+    from e2e_reme.simulators.sandbox.backends.nspawn import _cgroup_pids, _machine
+    return _cgroup_pids(_machine(sb.record.number, node))
 
 
 def processes(sb, node: int) -> list[Proc]:

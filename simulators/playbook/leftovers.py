@@ -64,9 +64,9 @@ def end_leftovers(sb, before: Snapshot) -> list[Leftover]:
 
 def _nspawn_procs(sb, index: int) -> list[tuple[int, int, str]]:
     """(pid, start time, systemd cgroup path) of the node's processes."""
-    from .backends.nspawn import _cgroup_pids, _machine
+    from e2e_reme.simulators.sandbox.backends.nspawn import _cgroup_pids, _machine
     out = []
-    for pid in _cgroup_pids(_machine(sb.record.slot, index)):
+    for pid in _cgroup_pids(_machine(sb.record.number, index)):
         start = proc_start_time(pid)
         cg = _systemd_cgroup(pid)
         if start is not None and cg is not None:

@@ -24,8 +24,8 @@ import json
 import shlex
 import time
 
-from .sandbox import Sandbox
-from .systems.target import ServiceTarget
+from e2e_reme.simulators.sandbox.base import Sandbox
+from e2e_reme.simulators.systems.target import ServiceTarget
 
 # Runs in the guest. Input: JSON list of {unit, port, config_path, data_dir}.
 _GUEST_SCRIPT = r'''
@@ -345,7 +345,7 @@ print(json.dumps(out))
 def hash_files(sb: Sandbox, node: int, paths: list[str]) -> dict[str, str | None]:
     """sha256 of files on a node, by the verifier's own code: read from the host through
     the node's root (nspawn), else by the isolated toolset on the node."""
-    from . import hostview
+    from e2e_reme.simulators.sandbox import hostview
     if hostview.supported(sb):
         root = hostview.node_root(sb, node)
         if root is not None:
@@ -371,7 +371,7 @@ GUEST_VOLATILE = ("etc/resolv.conf",)
 def guest_runtime_facts(sb: Sandbox, node: int, units: list[str], timeout: float = 120) -> dict | None:
     """hostview.node_facts for a node the host cannot look into (libvirt), read by the
     verifier's toolset; None if the node does not answer."""
-    from .hostview import HASH_LIMIT, RUN_DROPIN_DIRS, VOLATILE_ENV, VOLATILE_PATHS
+    from e2e_reme.simulators.sandbox.hostview import HASH_LIMIT, RUN_DROPIN_DIRS, VOLATILE_ENV, VOLATILE_PATHS
     want = {"units": units, "volatile": list(VOLATILE_PATHS + GUEST_VOLATILE), "volatile_env": sorted(VOLATILE_ENV),
             "content": list(CONTENT_TREES), "run_dirs": list(RUN_DROPIN_DIRS), "hash_limit": HASH_LIMIT}
     res = toolset_exec(sb, node, _RUNTIME_SCRIPT, json.dumps(want), timeout)

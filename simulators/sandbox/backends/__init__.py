@@ -1,3 +1,3 @@
 """Sandbox backends. Importing this package registers them; each is one file."""
 
-from . import libvirt, nspawn  # noqa: F401
+from e2e_reme.simulators.sandbox.backends import libvirt, nspawn  # noqa: F401

@@ -8,18 +8,18 @@ and the outcome says which stage an answer reached and why it stopped there, as 
                  parses as a list of plays, else the whole text if it does (a leading
                  <think>...</think> is skipped)                              NoYaml
     parse        yaml.safe_load, a non-empty list of mappings        InvalidYaml, NotAPlaybook
-    gate         simulators.gate.check_playbook (the safety rules)          GateViolation
+    gate         simulators.playbook.gate.check_playbook (the safety rules)  GateViolation
     syntax       ansible-playbook --syntax-check: unknown modules, bad keywords
                                                                             SyntaxCheckFailed
-    execute      simulators.ansible.run_playbook under a timeout
+    execute      simulators.sandbox.ansible.run_playbook under a timeout
                                                        ExecutionFailed, Timeout, Unreachable
     idempotence  (check_idempotence=True) a second run changes nothing      NotIdempotent
 
 Model output is only ever interpreted by a jailed controller on the sandbox's own network
-(simulators/controller.py): the syntax check and the runs happen there, never on the host.
+(simulators/sandbox/controller.py): the syntax check and the runs happen there, never on the host.
 Before anything is parsed, the answer's size is checked (a huge answer costs seconds of YAML
 parsing); after a run, every process the playbook left running in the nodes (SSH sessions,
-transient units) is ended before anyone judges the system (simulators/leftovers.py).
+transient units) is ended before anyone judges the system (simulators/playbook/leftovers.py).
 
 `InternalError` marks a failure of ours (no ansible-playbook, an unwritable workdir,
 ansible-runner refusing its inputs), not of the playbook: a reward must not count it
@@ -50,10 +50,10 @@ from typing import Any, Iterable
 
 import yaml
 
-from .ansible import PlaybookRun
-from .controller import ControllerConfig, JailJob, JailRun, run_jailed
-from .errors import PlaybookParseError
-from .gate import GateResult, check_playbook, check_text
+from e2e_reme.simulators.sandbox.ansible import PlaybookRun
+from e2e_reme.simulators.sandbox.controller import ControllerConfig, JailJob, JailRun, run_jailed
+from e2e_reme.simulators.errors import PlaybookParseError
+from e2e_reme.simulators.playbook.gate import GateResult, check_playbook, check_text
 
 STAGES = ("extract", "parse", "gate", "syntax", "execute", "idempotence")
 ERROR_CLASSES = ("NoYaml", "InvalidYaml", "NotAPlaybook", "GateViolation", "SyntaxCheckFailed",
@@ -269,7 +269,7 @@ def run_pipeline(text: str, *, sandbox=None, workdir: Path, timeout_s: float = 1
     if sandbox is None:
         return stop("syntax", "InternalError", "no sandbox given: a playbook is only checked and run by the "
                                                "jailed controller of the sandbox it targets")
-    from .leftovers import end_leftovers, snapshot
+    from e2e_reme.simulators.playbook.leftovers import end_leftovers, snapshot
     before = snapshot(sandbox) if execute else None
     limits_before = _limit_events(sandbox)
     job = JailJob(timeout_s=timeout_s, execute=execute, rerun=check_idempotence, extravars=dict(extravars or {}))
@@ -332,6 +332,8 @@ def _judge_jail_run(out: ExecutionOutcome, jail: JailRun, workdir: Path, timeout
     if jail.syntax_rc is None:
         return stop("syntax", "Timeout" if jail.killed else "InternalError",
                     "the syntax check did not finish" + (" in time" if jail.killed else ""))
+    if jail.syntax_rc in (126, 127):    # the shell's "not executable" / "not found": no Ansible to check with
+        return stop("syntax", "InternalError", _one_line(jail.syntax_output, 300) or f"exit code {jail.syntax_rc}")
     if jail.syntax_rc != 0:
         return stop("syntax", "SyntaxCheckFailed",
                     _first_error(jail.syntax_output) or f"exit code {jail.syntax_rc}")

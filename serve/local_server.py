@@ -5,7 +5,7 @@ as it will talk to the Ray Serve endpoint (serve/), without that stack.
     with LocalChatServer(ScriptedResponder(["```yaml\\n- hosts: n0\\n  tasks: []\\n```"])) as srv:
         model = OpenAIChatModel(srv.base_url, "scripted")
 
-    python -m e2e_reme.simulators.policies.local_server --model /models/tiny --port 8000
+    python -m e2e_reme.serve.local_server --model /models/tiny --port 8000
 
 It serves `POST /v1/chat/completions` and `GET /v1/models`. A responder is a callable
 `responder(messages, tools) -> dict` returning {"content": str} or {"tool_calls": [{"name",
@@ -26,7 +26,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
-from .models import TransformersChatModel
+from e2e_reme.simulators.policies.models import TransformersChatModel
 
 Responder = Callable[..., dict]
 
@@ -214,7 +214,7 @@ class TransformersResponder:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m e2e_reme.simulators.policies.local_server",
+    ap = argparse.ArgumentParser(prog="python -m e2e_reme.serve.local_server",
                                  description="Serve a local Hugging Face model over a minimal OpenAI-compatible API.")
     ap.add_argument("--model", required=True, help="a local model directory (config.json, weights, tokenizer)")
     ap.add_argument("--host", default="127.0.0.1")

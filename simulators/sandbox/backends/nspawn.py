@@ -1,7 +1,7 @@
 """systemd-nspawn backend: each node is a container booting systemd from the image's
 rootfs through an overlay of its own, on a bridge of its own.
 
-Per sandbox (slot S from the address allocator):
+Per sandbox (number S from the address allocator):
     bridge   rmbrS               the host is .1 on it (SSH, load generation)
     node i   machine rmSnI       `systemd-nspawn --boot --network-bridge=rmbrS`
              veth    vb-rmSnI    made by nspawn, gone with the container's netns
@@ -38,22 +38,22 @@ from typing import Callable
 from e2e_reme.host import (HostCommandError, link_names as _links, mounts_below, proc_start_time,
                            process_alive, processes_named, run, safe_rmtree)
 
-from .. import state
-from ..errors import HostNotCapable, SandboxError
-from ..sandbox import Sandbox, register
-from ..state import SandboxRecord
+from e2e_reme.simulators.sandbox import state
+from e2e_reme.simulators.errors import HostNotCapable, SandboxError
+from e2e_reme.simulators.sandbox.base import Sandbox, register
+from e2e_reme.simulators.sandbox.state import SandboxRecord
 
 MACHINE_RE = re.compile(r"^rm(\d+)n(\d+)$")
 BRIDGE_RE = re.compile(r"^rmbr(\d+)$")
 VETH_RE = re.compile(r"^vb-rm\d+n\d+$")
 
 
-def _bridge(slot: int) -> str:
-    return f"rmbr{slot}"
+def _bridge(number: int) -> str:
+    return f"rmbr{number}"
 
 
-def _machine(slot: int, index: int) -> str:
-    return f"rm{slot}n{index}"
+def _machine(number: int, index: int) -> str:
+    return f"rm{number}n{index}"
 
 
 def _nspawn_processes() -> dict[str, int]:
@@ -291,11 +291,11 @@ UID_RANGE = 1 << 16
 MAX_NODES_USERNS = 32
 
 
-def _uid_base(slot: int, index: int) -> int:
-    """A 64 Ki uid range of its own for every node of every slot."""
-    base = UID_BASE + (slot * MAX_NODES_USERNS + index) * UID_RANGE
+def _uid_base(number: int, index: int) -> int:
+    """A 64 Ki uid range of its own for every node of every sandbox (by its number)."""
+    base = UID_BASE + (number * MAX_NODES_USERNS + index) * UID_RANGE
     if index >= MAX_NODES_USERNS or base + UID_RANGE > 0xFFFF0000:
-        raise SandboxError(f"node {index} of slot {slot}: no uid range left for a user namespace "
+        raise SandboxError(f"node {index} of sandbox number {number}: no uid range left for a user namespace "
                            f"(at most {MAX_NODES_USERNS} nodes a sandbox); pass userns=False")
     return base
 
@@ -414,7 +414,7 @@ def _stop_gracefully(nspawn_pid: int | None, machine: str, timeout: float = 15) 
 
 def _machines(live: list[SandboxRecord]) -> set[str]:
     """The container names of the live nspawn sandboxes' nodes."""
-    return {_machine(r.slot, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
+    return {_machine(r.number, n.index) for r in live if r.backend == "nspawn" for n in r.nodes}
 
 
 @register("nspawn")
@@ -431,12 +431,12 @@ class NspawnSandbox(Sandbox):
                                  "the nspawn backend needs it for per-node copy-on-write")
 
     @classmethod
-    def slot_busy(cls, slot: int, subnet) -> bool:
-        return _bridge(slot) in _links()
+    def number_taken(cls, number: int, subnet) -> bool:
+        return _bridge(number) in _links()
 
     # ---- hooks -----------------------------------------------------------------------
     def _start_nodes(self) -> None:
-        br = _bridge(self.record.slot)
+        br = _bridge(self.record.number)
         self.record.extra["bridge"] = br
         self.record.extra["limits"] = _limits(self.config)
         state.save(self.record)
@@ -451,7 +451,7 @@ class NspawnSandbox(Sandbox):
 
     def _reset_nodes(self) -> None:
         for node in self.nodes:
-            _kill_container(node.extra.get("pid"), _machine(self.record.slot, node.index))
+            _kill_container(node.extra.get("pid"), _machine(self.record.number, node.index))
         for node in self.nodes:
             d = self._dir(node.index)
             run(["umount", "-l", str(d / "merged")], check=False)
@@ -470,7 +470,7 @@ class NspawnSandbox(Sandbox):
         The node is shut down cleanly first (so that daemons flush their data, e.g. Redis
         saves its dataset) and booted again on the new stack."""
         for node in self.nodes:
-            _stop_gracefully(node.extra.get("pid"), _machine(self.record.slot, node.index))
+            _stop_gracefully(node.extra.get("pid"), _machine(self.record.number, node.index))
         for node in self.nodes:
             d = self._dir(node.index)
             run(["umount", "-l", str(d / "merged")], check=False)
@@ -488,11 +488,11 @@ class NspawnSandbox(Sandbox):
     @classmethod
     def destroy(cls, record: SandboxRecord) -> None:
         for node in record.nodes:
-            _kill_container(node.extra.get("pid"), _machine(record.slot, node.index))
+            _kill_container(node.extra.get("pid"), _machine(record.number, node.index))
         # A node booted by a process that died before saving its pid is still found by name.
         running = _nspawn_processes()
         for node in record.nodes:
-            m = _machine(record.slot, node.index)
+            m = _machine(record.number, node.index)
             if m in running:
                 _kill_container(running[m], m)
         for node in record.nodes:
@@ -546,7 +546,7 @@ class NspawnSandbox(Sandbox):
 
     @staticmethod
     def stray_cgroups(live: list[SandboxRecord]) -> dict[str, list[int]]:
-        """Container cgroups (`remed-rm<slot>n<i>`) of no live sandbox, with the processes
+        """Container cgroups (`remed-rm<number>n<i>`) of no live sandbox, with the processes
         still in them: what `sweep` removes, and what a test session checks it left none of."""
         ours = _machines(live)
         out: dict[str, list[int]] = {}
@@ -576,7 +576,7 @@ class NspawnSandbox(Sandbox):
         `pids` (forks refused), `oom_kills` (processes killed for memory), and `disk_full`
         (its writable layer has under 1 MiB free). What an episode reports as the reason
         when a playbook exhausted one."""
-        machine = _machine(self.record.slot, index)
+        machine = _machine(self.record.number, index)
         out = {"pids": 0, "oom_kills": 0, "disk_full": False}
         for cg in _found_cgroup_dirs(machine):
             out["pids"] += _counter(cg / "pids.events", "max")
@@ -650,7 +650,7 @@ class NspawnSandbox(Sandbox):
                 if not _mounted(ids / name)]
         if not todo:
             return ids
-        fd = _idmap_userns(_uid_base(self.record.slot, index))
+        fd = _idmap_userns(_uid_base(self.record.number, index))
         try:
             for src, dst in todo:
                 dst.mkdir(parents=True, exist_ok=True)
@@ -696,7 +696,7 @@ class NspawnSandbox(Sandbox):
             f"Address={node.ip}/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n")
         if userns:
             # What the host wrote is the node root's, not the host's (uid 0 is not mapped in there).
-            base = _uid_base(self.record.slot, index)
+            base = _uid_base(self.record.number, index)
             for f in ("etc/hostname", "etc/hosts", "etc/systemd/network", "etc/systemd/network/10-host0.network"):
                 os.chown(m / f, base, base)
 
@@ -704,13 +704,13 @@ class NspawnSandbox(Sandbox):
         node = self.nodes[index]
         d = self._dir(index)
         log = open(d / "console.log", "ab")
-        machine = _machine(self.record.slot, index)
+        machine = _machine(self.record.number, index)
         cmd = ["systemd-nspawn", "--quiet", "-D", str(d / "merged"), "--boot", f"--machine={machine}",
-               "--register=no", f"--network-bridge={_bridge(self.record.slot)}", "--console=passive"]
+               "--register=no", f"--network-bridge={_bridge(self.record.number)}", "--console=passive"]
         lim = self.record.extra.get("limits", {})
         if lim.get("userns"):
             # A user namespace of its own; the files are already idmapped (`_idmapped_layers`).
-            cmd += [f"--private-users={_uid_base(self.record.slot, index)}:{UID_RANGE}",
+            cmd += [f"--private-users={_uid_base(self.record.number, index)}:{UID_RANGE}",
                     "--private-users-ownership=off"]
         procs_files: list[Path] = []
         if not _systemd_is_init():

@@ -24,7 +24,7 @@ a remediation a verdict is a success only if ALL of these hold, each with its ev
 "Fault gone" is the fault's ground truth off *and* no residue: its processes, recorded
 from the host at injection by pid + start time, gone (not stopped, renamed or untagged),
 its stray file gone by inode, no mask over it. What counts as a fix per fault type is
-simulators/fixtable.py, shown in docs/verdict.md.
+simulators/verification/fixtable.py, shown in docs/verdict.md.
 
 Why these close the known loopholes: doing nothing leaves the fault (fault_gone);
 disabling or killing the target leaves it inactive (services); a stub answering /health
@@ -51,12 +51,12 @@ from typing import Any, Iterable, Protocol
 
 import hashlib
 
-from . import hostview
-from .challenge import resp, run_challenge
-from .probe import guest_runtime_facts, probe_all
-from .errors import SandboxError
-from .sandbox import Sandbox
-from .systems.target import ServiceTarget
+from e2e_reme.simulators.sandbox import hostview
+from e2e_reme.simulators.verification.challenge import resp, run_challenge
+from e2e_reme.simulators.systems.probe import guest_runtime_facts, probe_all
+from e2e_reme.simulators.errors import SandboxError
+from e2e_reme.simulators.sandbox.base import Sandbox
+from e2e_reme.simulators.systems.target import ServiceTarget
 
 
 class _Fault(Protocol):
@@ -159,7 +159,7 @@ def seed_check(sb: Sandbox, deployment: Any) -> dict:
     read with the verifier's own code: redis keys over RESP from the host, files through
     the node's root from the host (nspawn) or by the verifier's isolated toolset (libvirt),
     never by a tool of the node (a `sha256sum` earlier on its PATH could replay the sums)."""
-    from .probe import hash_files
+    from e2e_reme.simulators.systems.probe import hash_files
     problems: list[str] = []
     for name, r in deployment.seed.get("redis", {}).items():
         t = deployment.targets.get(name)
@@ -193,7 +193,7 @@ def function_check(sb: Sandbox, deployment: Any) -> dict:
 
 def load_check(sb: Sandbox, deployment: Any) -> dict:
     """The standard load against the entry for the SLO's window, judged by the SLO."""
-    from .systems.loadgen import check_slo, failure_budget, run_load
+    from e2e_reme.simulators.systems.loadgen import check_slo, failure_budget, run_load
     spec = deployment.slo
     # A failure past the success-rate budget decides "missed": the load stops there.
     result = run_load(deployment, max_failures=failure_budget(spec))

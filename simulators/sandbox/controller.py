@@ -14,7 +14,7 @@ check, execution, idempotence re-run) happens in a throw-away container per run:
                 sandbox's SSH key; the run's artifacts come back from there
     network     a veth on the sandbox's own bridge at the subnet's last address, so it
                 reaches the sandbox's nodes and, through the sandbox's nftables table
-                (simulators/netguard.py), nothing of the host's
+                (simulators/sandbox/netguard.py), nothing of the host's
     user        ansible runs as `nobody`, with no capabilities and no_new_privs; the
                 container's root only sets the address and drops privileges
     limits      its own cgroup with pids.max and a memory limit; killed whole (every
@@ -44,9 +44,9 @@ import yaml
 
 from e2e_reme.host import mounts_below, run as host_run
 
-from .ansible import DEFAULT_ENV, PlaybookRun, host_stats
-from .errors import SandboxError
-from .state import SandboxRecord
+from e2e_reme.simulators.sandbox.ansible import DEFAULT_ENV, PlaybookRun, host_stats
+from e2e_reme.simulators.errors import SandboxError
+from e2e_reme.simulators.sandbox.state import SandboxRecord
 
 JAIL_UID = 65534               # nobody in the image
 MAX_EVENTS_BYTES = 32 << 20    # what the host reads back of a run's events, at most
@@ -86,8 +86,8 @@ class JailRun:
         return self.syntax_rc is None and self.killed
 
 
-def machine(slot: int) -> str:
-    return f"rm{slot}ctl"
+def machine(number: int) -> str:
+    return f"rm{number}ctl"
 
 
 def jail_address(record: SandboxRecord) -> str:
@@ -112,6 +112,11 @@ def run_jailed(sb, playbook_text: str, workdir: Path, job: JailJob,
     if not bridge:
         out.error = f"sandbox {sb.name} has no bridge to attach the controller to"
         return out
+    missing = _missing_tools()
+    if missing:     # ours to fix, not the playbook's: the shell would say "not found" (rc 127)
+        out.error = (f"{', '.join(missing)} not found beside this Python ({Path(sys.executable).parent}); "
+                     f"install the project into the interpreter that runs it (pip install -e .)")
+        return out
     jdir = sb.record.dir / "ctl"
     try:
         _release_scratch(jdir)
@@ -130,6 +135,13 @@ def run_jailed(sb, playbook_text: str, workdir: Path, job: JailJob,
         _release_scratch(jdir)
     out.total_s = round(time.monotonic() - t0, 3)
     return out
+
+
+def _missing_tools() -> list[str]:
+    """The jail runs Ansible from the venv it bind-mounts (this interpreter's); without it
+    every playbook would fail its syntax check as if the policy had written it badly."""
+    venv_bin = Path(sys.executable).parent
+    return [tool for tool in ("ansible-playbook", "ansible-runner") if not os.access(venv_bin / tool, os.X_OK)]
 
 
 # ---- the inputs ------------------------------------------------------------------------------
@@ -192,9 +204,9 @@ def _script(ip: str, job: JailJob) -> str:
 
 def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob,
                    config: ControllerConfig, bridge: str) -> JailRun:
-    from .backends.nspawn import _apply_limits, _systemd_is_init, fresh_cgroups
+    from e2e_reme.simulators.sandbox.backends.nspawn import _apply_limits, _systemd_is_init, fresh_cgroups
     out = JailRun()
-    name = machine(record.slot)
+    name = machine(record.number)
     venv, base = Path(sys.prefix), Path(os.path.realpath(sys.base_prefix))
     cmd = ["systemd-nspawn", "--quiet", "--register=no", f"--machine={name}", "-D", str(rootfs),
            "--volatile=overlay", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
@@ -241,8 +253,8 @@ def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob
 def kill(record: SandboxRecord) -> None:
     """End the sandbox's controller jail, if one runs: every process of its cgroup, then
     its veth and cgroups (nspawn's own cleanup does not run after SIGKILL)."""
-    from .backends.nspawn import _kill_container
-    name = machine(record.slot)
+    from e2e_reme.simulators.sandbox.backends.nspawn import _kill_container
+    name = machine(record.number)
     for pid, argv in _jail_processes().items():
         if f"--machine={name}" in argv:
             _kill_container(pid, name)
@@ -261,8 +273,8 @@ def destroy(record: SandboxRecord) -> None:
 
 def sweep(live: list[SandboxRecord]) -> list[str]:
     """Controller jails of sandboxes that no longer live (part of `remed sandbox gc`)."""
-    from .backends.nspawn import _kill_container
-    live_names = {machine(r.slot) for r in live}
+    from e2e_reme.simulators.sandbox.backends.nspawn import _kill_container
+    live_names = {machine(r.number) for r in live}
     done = []
     for pid, argv in _jail_processes().items():
         name = next((a.split("=", 1)[1] for a in argv if a.startswith("--machine=")), "")

@@ -1,4 +1,4 @@
-"""`python -m e2e_reme.simulators.reaper NAME OWNER_PID OWNER_START`
+"""`python -m e2e_reme.simulators.sandbox.reaper NAME OWNER_PID OWNER_START`
 
 Started (detached) next to every sandbox owned by a process, through
 `--spawn NAME OWNER_PID OWNER_START LOG`: a launcher that starts the reaper in a new
@@ -20,9 +20,9 @@ from e2e_reme.host import process_alive
 
 
 def main(name: str, owner_pid: int, owner_start: int) -> int:
-    from . import state
-    from .errors import SandboxNotFound
-    from .sandbox import attach
+    from e2e_reme.simulators.sandbox import state
+    from e2e_reme.simulators.errors import SandboxNotFound
+    from e2e_reme.simulators.sandbox.base import attach
 
     try:
         fd = os.pidfd_open(owner_pid)
@@ -50,7 +50,7 @@ def main(name: str, owner_pid: int, owner_start: int) -> int:
 def spawn(name: str, owner_pid: str, owner_start: str, log: str) -> int:
     import subprocess
     with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", "e2e_reme.simulators.reaper", name, owner_pid, owner_start],
+        p = subprocess.Popen([sys.executable, "-m", "e2e_reme.simulators.sandbox.reaper", name, owner_pid, owner_start],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, close_fds=True)
     print(p.pid, flush=True)

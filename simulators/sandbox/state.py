@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from e2e_reme import paths
 from e2e_reme.host import process_alive, proc_start_time
 
-from .errors import NoFreeAddress, SandboxExists, SandboxNotFound
+from e2e_reme.simulators.errors import NoFreeAddress, SandboxExists, SandboxNotFound
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 DEFAULT_POOL = "198.18.0.0/15"
@@ -55,7 +55,7 @@ class NodeRecord:
 class SandboxRecord:
     name: str
     backend: str
-    slot: int
+    number: int                  # this host's number for the sandbox: names its bridge, machines, uid ranges
     subnet: str
     gateway: str
     image_dir: str
@@ -78,6 +78,8 @@ class SandboxRecord:
     @classmethod
     def from_json(cls, data: dict) -> "SandboxRecord":
         data = dict(data)
+        if "slot" in data:          # records written before the field was renamed (sandboxes still live)
+            data["number"] = data.pop("slot")
         data["nodes"] = [NodeRecord(**n) for n in data["nodes"]]
         return cls(**data)
 
@@ -125,9 +127,9 @@ def forget(name: str) -> None:
 
 
 def allocate(name: str, backend: str, n_nodes: int, image_dir: str, image_hash: str, *,
-             detached: bool, slot_busy: Callable[[int, ipaddress.IPv4Network], bool]) -> SandboxRecord:
-    """Reserve a name, a subnet and a slot and write the record (status 'creating').
-    `slot_busy(slot, subnet)` lets the backend veto a slot whose names (bridge, network)
+             detached: bool, number_taken: Callable[[int, ipaddress.IPv4Network], bool]) -> SandboxRecord:
+    """Reserve a name, a subnet and a number and write the record (status 'creating').
+    `number_taken(number, subnet)` lets the backend veto a number whose names (bridge, network)
     are still in use on the host."""
     if not NAME_RE.match(name):
         raise ValueError(f"sandbox name '{name}': use 1-31 lowercase letters, digits and '-', "
@@ -139,7 +141,7 @@ def allocate(name: str, backend: str, n_nodes: int, image_dir: str, image_hash: 
                                 f"or run `remed sandbox down {name}`")
         if n_nodes > 253:
             raise ValueError(f"{n_nodes} nodes do not fit in a /24; at most 253")
-        # The subnet and the slot (which names the sandbox's bridge and machines) are
+        # The subnet and the number (which names the sandbox's bridge and machines) are
         # chosen separately, so that changing the pool never makes two sandboxes collide.
         used_nets = {r.subnet for r in records} | _subnets_on_host()
         subnets = list(pool().subnets(new_prefix=24))
@@ -148,11 +150,11 @@ def allocate(name: str, backend: str, n_nodes: int, image_dir: str, image_hash: 
             raise NoFreeAddress(f"all {len(subnets)} subnets of {pool()} are taken; run "
                                 "`remed sandbox ls` and `remed sandbox down NAME` (or `remed "
                                 "sandbox gc`), or set E2E_REME_SUBNET_POOL to a larger range")
-        taken = {r.slot for r in records}
-        slot = next(i for i in range(100000) if i not in taken and not slot_busy(i, net))
+        taken = {r.number for r in records}
+        number = next(i for i in range(100000) if i not in taken and not number_taken(i, net))
         owner = None if detached else os.getpid()
         rec = SandboxRecord(
-            name=name, backend=backend, slot=slot, subnet=str(net), gateway=str(next(net.hosts())),
+            name=name, backend=backend, number=number, subnet=str(net), gateway=str(next(net.hosts())),
             image_dir=image_dir, image_hash=image_hash,
             nodes=[NodeRecord(i, f"n{i}", f"{name}-n{i}", ip) for i, ip in enumerate(node_addresses(net, n_nodes))],
             owner_pid=owner, owner_start=proc_start_time(owner) if owner else None,

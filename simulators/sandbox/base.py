@@ -10,7 +10,7 @@ private network of their own, where a generated playbook can really run and be u
 
 A backend implements three hooks (`_start_nodes`, `_reset_nodes`, `destroy`)
 and a `sweep` for orphans, and registers itself by name with `@register("name")`; adding
-one is one file in `simulators/backends/`. Everything else (SSH exec, files, inventory,
+one is one file in `simulators/sandbox/backends/`. Everything else (SSH exec, files, inventory,
 readiness, the registry record, the reaper) is shared here.
 
 Lifetimes: a sandbox made through this API belongs to the calling process; if that
@@ -41,9 +41,9 @@ import yaml
 
 from e2e_reme.vm_images import Image, require_image
 
-from . import state
-from .errors import HostNotCapable, NodeUnreachable, SandboxError, SandboxNotReady, UnknownBackend
-from .state import NodeRecord, SandboxRecord
+from e2e_reme.simulators.sandbox import state
+from e2e_reme.simulators.errors import HostNotCapable, NodeUnreachable, SandboxError, SandboxNotReady, UnknownBackend
+from e2e_reme.simulators.sandbox.state import NodeRecord, SandboxRecord
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ class Sandbox(ABC):
         """Raise HostNotCapable naming what is missing and how to get it."""
 
     @classmethod
-    def slot_busy(cls, slot: int, subnet) -> bool:
-        """True if the host still uses this subnet (e.g. a leftover bridge)."""
+    def number_taken(cls, number: int, subnet) -> bool:
+        """True if the host still uses this number or subnet (e.g. a leftover bridge by its name)."""
         return False
 
     @abstractmethod
@@ -188,7 +188,7 @@ class Sandbox(ABC):
         return self
 
     def _isolate(self) -> None:
-        """Nodes may answer the host but not call it (see simulators/netguard.py). Put in
+        """Nodes may answer the host but not call it (see simulators/sandbox/netguard.py). Put in
         force before the first node answers SSH, so before anything but the image has run
         there; a sandbox whose rules cannot be set does not start."""
         bridge = self.record.extra.get("bridge")
@@ -198,7 +198,7 @@ class Sandbox(ABC):
             return
         if not bridge:
             return
-        from . import netguard
+        from e2e_reme.simulators.sandbox import netguard
         netguard.isolate(bridge, dhcp=self.backend == "libvirt")
         self.record.extra["isolated"] = True
         state.save(self.record)
@@ -423,7 +423,7 @@ def create_sandbox(backend: str = "nspawn", nodes: int = 1, *, image: Image | No
     name = config.name or f"sb-{secrets.token_hex(3)}"
     config = replace(config, name=name)
     record = state.allocate(name, backend, nodes, str(image.dir), image.hash,
-                            detached=config.detached, slot_busy=cls.slot_busy)
+                            detached=config.detached, number_taken=cls.number_taken)
     sb = cls(record, image, config)
     try:
         if config.reaper and not config.detached:
@@ -479,7 +479,7 @@ def gc() -> list[str]:
             done.append(f"sandbox {rec.name} ({rec.backend}; owner pid {rec.owner_pid} is gone)")
         for cls in backend_catalog().values():
             done += cls.sweep(live)
-        from . import controller, netguard
+        from e2e_reme.simulators.sandbox import controller, netguard
         done += controller.sweep(live)
         done += netguard.sweep({r.extra["bridge"] for r in live if r.extra.get("bridge")})
         # Directories with no record at all (a crash between mkdir and the record).
@@ -495,7 +495,7 @@ def gc() -> list[str]:
 def _release_host_side(record: SandboxRecord) -> None:
     """What the sandbox holds on the host outside its backend: its jailed controller (if one
     is running) and its network rules."""
-    from . import controller, netguard
+    from e2e_reme.simulators.sandbox import controller, netguard
     controller.destroy(record)
     netguard.release(record.extra.get("bridge"))
 
@@ -510,7 +510,7 @@ def _start_reaper(record: SandboxRecord) -> None:
     log = record.dir / "reaper.log"
     record.dir.mkdir(parents=True, exist_ok=True)
     launcher = subprocess.run(
-        [sys.executable, "-m", "e2e_reme.simulators.reaper", "--spawn", record.name,
+        [sys.executable, "-m", "e2e_reme.simulators.sandbox.reaper", "--spawn", record.name,
          str(record.owner_pid), str(record.owner_start), str(log)],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, close_fds=True)
     try:

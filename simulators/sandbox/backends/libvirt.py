@@ -1,7 +1,7 @@
 """libvirt backend: each node is a QEMU virtual machine booting the image's kernel
 directly, on a disk overlay of its own, on an isolated libvirt network of its own.
 
-Per sandbox (slot S from the address allocator), all on `qemu:///system`:
+Per sandbox (number S from the address allocator), all on `qemu:///system`:
     network  remed-S     isolated (no <forward>): bridge rmvbrS with the host at .1;
                          dnsmasq gives each node's MAC its fixed address and hostname
     node i   domain remed-S-nI   kernel, initrd and cmdline from the image (direct boot),
@@ -40,8 +40,8 @@ half a second behind per reset; the image has no time sync, so the readiness pro
 after a reset sets it from the host (to within a few tens of milliseconds) in the
 command it runs anyway.
 
-Names (domain `remed-<slot>-n<i>`, network `remed-<slot>`, bridge `rmvbr<slot>`) are what
-`sweep` and `slot_busy` recognise; nothing else on the host is ever touched.
+Names (domain `remed-<number>-n<i>`, network `remed-<number>`, bridge `rmvbr<number>`) are what
+`sweep` and `number_taken` recognise; nothing else on the host is ever touched.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ import paramiko
 
 from e2e_reme.host import HostCommandError, link_names as _links, process_alive, processes_named, run
 
-from .. import state
-from ..errors import HostNotCapable, NodeUnreachable, SandboxError, SandboxNotReady
-from ..sandbox import Sandbox, register
-from ..state import SandboxRecord
+from e2e_reme.simulators.sandbox import state
+from e2e_reme.simulators.errors import HostNotCapable, NodeUnreachable, SandboxError, SandboxNotReady
+from e2e_reme.simulators.sandbox.base import Sandbox, register
+from e2e_reme.simulators.sandbox.state import SandboxRecord
 
 try:
     import libvirt
@@ -103,21 +103,21 @@ def uri() -> str:
     return os.environ.get("E2E_REME_LIBVIRT_URI", "qemu:///system")
 
 
-def _domain(slot: int, index: int) -> str:
-    return f"remed-{slot}-n{index}"
+def _domain(number: int, index: int) -> str:
+    return f"remed-{number}-n{index}"
 
 
-def _network(slot: int) -> str:
-    return f"remed-{slot}"
+def _network(number: int) -> str:
+    return f"remed-{number}"
 
 
-def _bridge(slot: int) -> str:
-    return f"rmvbr{slot}"
+def _bridge(number: int) -> str:
+    return f"rmvbr{number}"
 
 
-def _mac(slot: int, index: int) -> str:
-    # 52:54:00 is QEMU's locally administered prefix; slot and index make it unique here.
-    return f"52:54:00:{slot >> 8 & 0xff:02x}:{slot & 0xff:02x}:{index & 0xff:02x}"
+def _mac(number: int, index: int) -> str:
+    # 52:54:00 is QEMU's locally administered prefix; number and index make it unique here.
+    return f"52:54:00:{number >> 8 & 0xff:02x}:{number & 0xff:02x}:{index & 0xff:02x}"
 
 
 @contextmanager
@@ -269,25 +269,25 @@ class LibvirtSandbox(Sandbox):
             pass
 
     @classmethod
-    def slot_busy(cls, slot: int, subnet) -> bool:
-        if _bridge(slot) in _links():
+    def number_taken(cls, number: int, subnet) -> bool:
+        if _bridge(number) in _links():
             return True
         if libvirt is None:
             return False
         try:
             with _connect() as conn:
-                return _network(slot) in conn.listNetworks() + conn.listDefinedNetworks()
+                return _network(number) in conn.listNetworks() + conn.listDefinedNetworks()
         except HostNotCapable:
             return False
 
     # ---- hooks -----------------------------------------------------------------------
     def _start_nodes(self) -> None:
-        slot = self.record.slot
+        number = self.record.number
         accel, cpu = self._accel()
-        self.record.extra.update(uri=uri(), network=_network(slot), bridge=_bridge(slot), accel=accel,
+        self.record.extra.update(uri=uri(), network=_network(number), bridge=_bridge(number), accel=accel,
                                  limits=self._limits())
         for node in self.nodes:
-            node.extra.update(domain=_domain(slot, node.index), mac=_mac(slot, node.index))
+            node.extra.update(domain=_domain(number, node.index), mac=_mac(number, node.index))
         # Saved before anything exists, so that a crash from here on leaves a record
         # naming every resource destroy() has to look for.
         state.save(self.record)
@@ -296,11 +296,11 @@ class LibvirtSandbox(Sandbox):
                 conn.networkCreateXML(self._network_xml())
             except LibvirtError as e:
                 raise SandboxError(f"sandbox {self.name}: cannot create libvirt network "
-                                   f"{_network(slot)}: {e.get_error_message()}") from e
+                                   f"{_network(number)}: {e.get_error_message()}") from e
             for node in self.nodes:
                 self._new_overlay(node.index)
                 try:
-                    # The slot is ours (allocated under the registry lock), so a domain by
+                    # The number is ours (allocated under the registry lock), so a domain by
                     # this name is a leftover of a crash; its old snapshot must not linger.
                     _drop_domain(conn, node.extra["domain"])
                     dom = conn.defineXML(self._domain_xml(node.index, accel, cpu))
@@ -317,10 +317,10 @@ class LibvirtSandbox(Sandbox):
 
     @classmethod
     def destroy(cls, record: SandboxRecord) -> None:
-        slot = record.slot
-        domains = {n.extra.get("domain") or _domain(slot, n.index) for n in record.nodes}
-        network = record.extra.get("network") or _network(slot)
-        bridge = record.extra.get("bridge") or _bridge(slot)
+        number = record.number
+        domains = {n.extra.get("domain") or _domain(number, n.index) for n in record.nodes}
+        network = record.extra.get("network") or _network(number)
+        bridge = record.extra.get("bridge") or _bridge(number)
         try:
             with _connect() as conn:
                 # At once: each drop waits for its QEMU to be reaped, over a second here.
@@ -350,9 +350,9 @@ class LibvirtSandbox(Sandbox):
     @classmethod
     def sweep(cls, live: list[SandboxRecord]) -> list[str]:
         mine = [r for r in live if r.backend == "libvirt"]
-        domains = {n.extra.get("domain") or _domain(r.slot, n.index) for r in mine for n in r.nodes}
-        networks = {r.extra.get("network") or _network(r.slot) for r in mine}
-        bridges = {r.extra.get("bridge") or _bridge(r.slot) for r in mine}
+        domains = {n.extra.get("domain") or _domain(r.number, n.index) for r in mine for n in r.nodes}
+        networks = {r.extra.get("network") or _network(r.number) for r in mine}
+        bridges = {r.extra.get("bridge") or _bridge(r.number) for r in mine}
         done = []
         if libvirt is not None:
             try:
@@ -578,7 +578,7 @@ class LibvirtSandbox(Sandbox):
             raise ValueError(f"accel must be auto, kvm or tcg, not '{want}'")
         if want == "tcg":
             return "tcg", None
-        from ..kvm import kvm_probe
+        from e2e_reme.simulators.sandbox.kvm import kvm_probe
         verdict = kvm_probe(self.image.kernel)
         if verdict.works:
             return "kvm", verdict.cpu
@@ -604,7 +604,7 @@ class LibvirtSandbox(Sandbox):
         os.chown(disk, uid, gid)
 
     def _network_xml(self) -> str:
-        slot = self.record.slot
+        number = self.record.number
         hosts = "".join(
             f"<host mac='{n.extra['mac']}' name={quoteattr(n.hostname)} ip='{n.ip}'/>"
             for n in self.nodes)
@@ -612,8 +612,8 @@ class LibvirtSandbox(Sandbox):
         # No <forward>: isolated, the sandbox reaches the host and nothing beyond it.
         # DNS is off: the nodes resolve each other through /etc/hosts (see _prepare_guest).
         return f"""<network>
-  <name>{_network(slot)}</name>
-  <bridge name='{_bridge(slot)}' stp='off' delay='0'/>
+  <name>{_network(number)}</name>
+  <bridge name='{_bridge(number)}' stp='off' delay='0'/>
   <dns enable='no'/>
   <ip address='{self.record.gateway}' netmask='255.255.255.0'>
     <dhcp>
@@ -660,7 +660,7 @@ class LibvirtSandbox(Sandbox):
       <target dev='vda' bus='virtio'/>
     </disk>
     <interface type='network'>
-      <source network='{_network(self.record.slot)}'/>
+      <source network='{_network(self.record.number)}'/>
       <mac address='{node.extra['mac']}'/>
       <model type='virtio'/>
     </interface>
