@@ -45,7 +45,7 @@ def test_an_optional_section_can_be_switched_off_with_null():
 def test_the_runs_relative_paths_are_taken_from_root(tmp_path):
     # A submitted job runs in a copy of the working directory: root=$PWD points back at runs/.
     cfg = load_config("configs/rl-cpu.yaml", [f"root={tmp_path}"])
-    assert (cfg.model, cfg.out) == (str(tmp_path / "runs/sft-cpu/model"), str(tmp_path / "runs/rl-cpu"))
+    assert (cfg.model, cfg.out) == (str(tmp_path / "runs/sft-cpu-b/model"), str(tmp_path / "runs/rl-cpu"))
     assert cfg.data.episodes == (str(tmp_path / "runs/sft-data"),)
 
 
