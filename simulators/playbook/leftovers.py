@@ -50,13 +50,34 @@ def end_leftovers(sb, before: Snapshot) -> list[Leftover]:
     ended: list[Leftover] = []
     for i, node in enumerate(sb.nodes):
         if sb.backend == "nspawn":
-            for pid, start, cg in _nspawn_procs(sb, i):
-                if (i, pid, start) in before or not _session_or_transient(pid, cg):
-                    continue
-                if _kill_host_pid(pid, start):
-                    ended.append(Leftover(node.name, pid, cg.rsplit("/", 1)[-1], _cmdline(pid)))
+            ended += _end_nspawn(sb, i, node.name, before)
         else:
             ended += [Leftover(node.name, *x) for x in _guest_kill(sb, i, before)]
+    return ended
+
+
+def _end_nspawn(sb, index: int, node: str, before: Snapshot, passes: int = 20) -> list[Leftover]:
+    """Pass after pass until one finds nothing new: a process still forking (a fork flood
+    retrying at its pids limit) makes children after a pass has listed the cgroup."""
+    ended: list[Leftover] = []
+    killed: set[tuple[int, int]] = set()
+    for _ in range(passes):
+        fresh = [(pid, start, cg) for pid, start, cg in _nspawn_procs(sb, index)
+                 if (index, pid, start) not in before and (pid, start) not in killed
+                 and _session_or_transient(pid, cg)]
+        if not fresh:
+            break
+        for pid, start, cg in fresh:
+            killed.add((pid, start))
+            if _kill_host_pid(pid, start):
+                ended.append(Leftover(node, pid, cg.rsplit("/", 1)[-1], _cmdline(pid)))
+    # SIGKILL is delivered, not yet done: wait (briefly) until they have left the node, so
+    # that what is judged next no longer sees them.
+    deadline = time.monotonic() + 5.0
+    while killed and time.monotonic() < deadline:
+        if not any((pid, start) in killed for pid, start, _ in _nspawn_procs(sb, index)):
+            break
+        time.sleep(0.1)
     return ended
 
 
