@@ -317,7 +317,6 @@ def test_a_fork_flood_fails_with_the_limit_it_hit_and_leaves_nothing(sb, tmp_pat
     # Killed is not yet gone (the node's init reaps a thousand of them); a survivor of the
     # sweep (sleep 2000+ s) would still be there after the wait.
     deadline = time.monotonic() + 5
-    while int(sb.exec("pgrep -c -x sleep || true").stdout.strip() or 0) and time.monotonic() < deadline:
+    while (sleeping := int(sb.exec("pgrep -c -x sleep || true").stdout.strip() or 0)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = sb.exec("ps -eo stat,comm | grep -w sleep | cut -c1 | sort | uniq -c").stdout
-    assert int(sb.exec("pgrep -c -x sleep || true").stdout.strip() or 0) == 0, left
+    assert sleeping == 0, sb.exec("ps -eo stat,comm | grep -w sleep | cut -c1 | sort | uniq -c").stdout
