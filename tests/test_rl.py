@@ -31,15 +31,16 @@ from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
 from e2e_reme.simulators.policies import make_policy
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
-from e2e_reme.train.rl import run
+from e2e_reme.train.rl import rollout_actor_name, run
 from e2e_reme.train.rl_config import load_config
 from e2e_reme.train.rl_workers import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PREFIX = f"ptrl{secrets.token_hex(1)}"
-# Ray >= 2.59 starts a local head with token authentication (the token in ~/.ray); its
-# clients must say so to send it.
+# Token authentication on the head and its clients, said explicitly: `ray start --head`
+# turns it on only where ~/.ray/auth_token already exists (a local `ray.init` of an earlier
+# test may have written it), and a client asked to send a token needs one.
 CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
 
 
@@ -86,13 +87,15 @@ def config_file(traces, tmp_path_factory):
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head on free ports that is also a sandbox host, stopped at the end (only ours)."""
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True,
+                   env=CLIENT_ENV)      # writes ~/.ray/auth_token where there is none
     dash = _free_port()
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
          f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          "--num-cpus=4", '--resources={"sandbox_host": 1}'],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=CLIENT_ENV)
     address = f"http://127.0.0.1:{dash}"
     try:
         t0 = time.monotonic()
@@ -145,6 +148,43 @@ def test_a_rerun_resumes_from_the_last_checkpoint(submitted, config_file):
     assert [json.loads(l)["step"] for l in (Path(config.out) / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert Path(summary["checkpoint"]).name == "checkpoint_000002"
     assert [c.name for c in checkpoints(Path(config.out))] == ["checkpoint_000001", "checkpoint_000002"]
+
+
+def _kill_and_wait(actor, timeout: float = 60.0) -> None:
+    ray.kill(actor)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the rollout worker outlived ray.kill")
+
+
+def test_a_lost_rollout_worker_costs_time_not_the_run(submitted, config_file):
+    # The worker is killed after a step, as a lost node would end it; strictly on-policy
+    # (no overlap), the next step finds it dead when it asks for its groups: a new worker
+    # from the current weights generates them again, and the step is judged and learned from.
+    config, r = submitted
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out, killed, lines = Path(config.out), [], []
+
+    def kill_once(m):
+        if not killed:
+            _kill_and_wait(ray.get_actor(rollout_actor_name(out, 0), namespace="e2e-reme-rl"))
+            killed.append(m["step"])
+
+    run(load_config(config_file, ["steps=4", "rollout.overlap=false"]), say=lines.append, on_step=kill_once)
+    rows = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    after = rows[killed[0] + 1]
+    assert any("rollout worker lost" in line for line in lines), lines
+    assert after["rollout_restarts"] == 1 and not after["update_failed"] and after["sequences"] == 2
+    assert set(after["time_s"]) == {"generation", "execution", "update", "sync"}      # no overlap
+    samples = json.loads((out / "samples" / f"step-{after['step']:06d}.json").read_text())
+    assert [(s["expert"], s["reward"]) for s in samples] == [(False, 0.0), (True, 1.0)]
+    assert checkpoints(out)[-1].name == "checkpoint_000004"
+    assert not [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
 
 
 @pytest.mark.parametrize("override, match", [("steps=0", "steps must be at least 1"),

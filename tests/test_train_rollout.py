@@ -12,11 +12,12 @@ import torch
 
 from e2e_reme.simulators.policies.base import PolicyContext, make_policy
 from e2e_reme.train.data import DataConfig, build_sft_data, corpus_texts, inventory_hosts
-from e2e_reme.train.errors import EngineUnavailable
+from e2e_reme.train.errors import EngineUnavailable, TrainError
 from e2e_reme.train.format import build_messages, prompt_ids
 from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
 from e2e_reme.train.rollout import (EngineChatModel, SamplingParams, TransformersEngine, VLLMEngine, make_engine,
                                     vllm_available)
+from e2e_reme.train.rl_workers import checkpoint_weights
 
 EPISODES = Path(__file__).parent / "data" / "train-episodes.jsonl"
 
@@ -86,6 +87,33 @@ def test_the_solo_policy_runs_a_local_model_through_the_engine_and_keeps_ids(eng
     gen = policy.generate(ctx, [])
     assert gen.extra["prompt_ids"] and len(gen.extra["logprobs"]) == len(gen.extra["completion_ids"])
     assert gen.prompt_tokens == len(gen.extra["prompt_ids"])
+
+
+def _tiny(tmp_path_factory, seed: int, hidden: int = 64) -> Path:
+    data = build_sft_data(DataConfig(episodes=(str(EPISODES),)))
+    return init_model(ModelConfig(hidden_size=hidden, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                  tokenizer=TokenizerConfig(vocab_size=1024), seed=seed),
+                      tmp_path_factory.mktemp("roll") / f"tiny-{seed}-{hidden}", corpus_texts(data.train))
+
+
+def test_weights_sent_in_place_make_the_engine_answer_as_their_model(engine, prompts, tmp_path_factory):
+    # RL's sync: the tensors of a checkpoint, as the object store delivers them, copied into
+    # the engine's model; afterwards it is that model, token for token and logprob for logprob.
+    other = _tiny(tmp_path_factory, seed=2)
+    mine, theirs = TransformersEngine(engine.path), TransformersEngine(other)
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=5)
+    assert mine.generate(prompts[:1], params)[0][0].logprobs != theirs.generate(prompts[:1], params)[0][0].logprobs
+    mine.load_weights(checkpoint_weights(other))
+    a, b = mine.generate(prompts[:1], params)[0][0], theirs.generate(prompts[:1], params)[0][0]
+    assert a.completion_ids == b.completion_ids and torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+
+
+def test_weights_of_another_shape_are_refused_by_name(engine, tmp_path_factory):
+    wider = _tiny(tmp_path_factory, seed=1, hidden=96)
+    with pytest.raises(TrainError, match="do not fit its model: size mismatch"):
+        TransformersEngine(engine.path).load_weights(checkpoint_weights(wider))
+    with pytest.raises(TrainError, match="do not fit its model: missing"):
+        TransformersEngine(engine.path).load_weights({"model.embed_tokens.weight": engine.model.model.embed_tokens.weight})
 
 
 def test_auto_picks_transformers_where_vllm_cannot_run(engine):

@@ -20,8 +20,9 @@ only corrects for the rollout engine's numerics and for expert answers; one Ray 
 per step (train/rl_workers.py says why); with `rollout.overlap` (on by default) the next
 step's groups are generated while this step's are judged, by the weights before this
 step's update (staleness of one step, which the stored logprobs' ratio accounts for); the
-rollout worker reloads the checkpoint from the run's
-directory instead of receiving weights over the object store. `expert_per_group` (0 by
+new weights reach the rollout worker through the object store, but each update is still
+a Ray Train fit that starts its workers and loads the model again (no persistent
+trainer), and there is one rollout worker. `expert_per_group` (0 by
 default) lets the case's verified expert answer join its group, judged like any
 completion (its old logprobs are the current policy's): a guide for a policy that never
 succeeds on its own, off unless configured. The prompt is the report recorded with the
@@ -32,14 +33,18 @@ Launch, on this machine (a local Ray is started when no cluster is given):
     python train/rl.py --config configs/rl-cpu.yaml            # or: remed train rl --config ...
     python train/rl.py --config configs/rl-cpu.yaml steps=3 objective.algorithm=reinforce
 
-Against a Ray cluster (on this machine: `ray start --head --resources='{"sandbox_host": 1}'`);
+Against a Ray cluster (on this machine: `ray get-auth-token --generate`, then
+`RAY_AUTH_MODE=token ray start --head --resources='{"sandbox_host": 1}'`);
 the job runs in a copy of the working directory, without runs/, so `root` says where the
 config's relative paths (the model, the traces, the output) are:
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python train/rl.py --config configs/rl-cpu.yaml root=$PWD
 
-A rerun of the same command resumes from the last checkpoint in `out`.
+A rerun of the same command resumes from the last checkpoint in `out`. What a failure
+costs: a lost sandbox host, its episodes (masked); a lost rollout worker, the time to start
+another and generate the step's groups again; a failed update, that step's learning (the
+weights stay, the run goes on); Ctrl-C or `ray job stop`, nothing past the last checkpoint.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray job submit`)
@@ -64,7 +68,7 @@ if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray
 from .errors import NoTrainingData, TrainError
 from .objective import group_advantages
 from .rl_config import RLConfig, load_config
-from .rl_workers import RolloutWorker, latest_checkpoint, step_of, update
+from .rl_workers import RolloutWorker, checkpoint_weights, latest_checkpoint, step_of, update
 
 
 # ---- the training cases ---------------------------------------------------------------------------
@@ -91,25 +95,76 @@ def training_cases(config: RLConfig) -> list[dict]:
 
 # ---- one step, phase by phase -------------------------------------------------------------------
 
-def rollout_submit(rollout, cases: list[dict], config: RLConfig, step: int) -> dict:
-    """Start generating the group of each case on the rollout worker; returns at once."""
-    r = config.rollout
-    params = {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "n": r.group_size,
-              "seed": config.seed * 100003 + step}
-    return {"cases": cases,
-            "groups": rollout.generate.remote([c["messages"] for c in cases], params) if r.group_size else None,
-            "expert_ids": rollout.answer_ids.remote([c["expert"] for c in cases]) if r.expert_per_group else None}
+def rollout_actor_name(out: Path, restarts: int) -> str:
+    """The rollout worker's actor name (in the run's namespace): the `restarts`-th of this run."""
+    return f"rl-rollout-{os.getpid()}-{restarts}:{Path(out).name}"
 
 
-def rollout_samples(rollout, pending: dict, config: RLConfig) -> list[dict]:
+class Rollout:
+    """The rollout worker (a Ray actor), and its replacement when it dies: a lost worker
+    costs the step the time to start another from the current weights and to generate
+    its groups again, never the run (`restarts` counts them)."""
+
+    def __init__(self, config: RLConfig, source: Path, out: Path):
+        self.config, self.out, self.restarts = config, out, 0
+        self.actor = self._start(source)
+
+    def _start(self, source: Path):
+        import ray
+        r = self.config.rollout
+        return (ray.remote(num_cpus=1)(RolloutWorker)
+                .options(name=rollout_actor_name(self.out, self.restarts))
+                .remote(str(source), r.engine, r.batch_size))
+
+    def _restart(self, source: Path, why: Exception, say) -> None:
+        import ray
+        ray.kill(self.actor)
+        self.restarts += 1
+        say(f"rollout worker lost ({type(why).__name__}); starting another from {Path(source).name}")
+        self.actor = self._start(source)
+
+    def submit(self, cases: list[dict], step: int) -> dict:
+        """Start generating the group of each case; returns at once."""
+        r, a = self.config.rollout, self.actor
+        params = {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "n": r.group_size,
+                  "seed": self.config.seed * 100003 + step}
+        return {"cases": cases, "step": step, "actor": a,
+                "groups": a.generate.remote([c["messages"] for c in cases], params) if r.group_size else None,
+                "expert_ids": a.answer_ids.remote([c["expert"] for c in cases]) if r.expert_per_group else None}
+
+    def samples(self, pending: dict, source: Path, say) -> list[dict]:
+        """The groups of a submitted batch; if the worker that had them died, generated
+        again by a new one (from `source`, the current weights)."""
+        import ray
+        try:
+            return rollout_samples(pending, self.config)
+        except ray.exceptions.RayActorError as e:
+            if pending["actor"] is self.actor:
+                self._restart(source, e, say)
+            return rollout_samples(self.submit(pending["cases"], pending["step"]), self.config)
+
+    def sync(self, checkpoint: Path, say) -> None:
+        """The new weights to the worker (a worker found dead is replaced, loading them)."""
+        import ray
+        try:
+            sync_weights(self.actor, checkpoint)
+        except ray.exceptions.RayActorError as e:
+            self._restart(checkpoint, e, say)
+
+    def close(self) -> None:
+        import ray
+        ray.kill(self.actor)
+
+
+def rollout_samples(pending: dict, config: RLConfig) -> list[dict]:
     """The group of each case: sampled completions, then the expert's answer if configured."""
     import ray
-    cases = pending["cases"]
+    cases, actor = pending["cases"], pending["actor"]
     groups = ray.get(pending["groups"]) if pending["groups"] is not None else [[]] * len(cases)
     expert_ids = ray.get(pending["expert_ids"]) if pending["expert_ids"] is not None else []
     samples = []
     for i, (case, group) in enumerate(zip(cases, groups)):
-        prompt = group[0]["prompt_ids"] if group else ray.get(rollout.prompt_ids.remote(case["messages"]))
+        prompt = group[0]["prompt_ids"] if group else ray.get(actor.prompt_ids.remote(case["messages"]))
         for c in group:
             samples.append({"case": i, "text": c["text"], "prompt_ids": prompt, "completion_ids": c["completion_ids"],
                             "old_logprobs": c["logprobs"], "expert": False})
@@ -136,6 +191,29 @@ def advantage_phase(samples: list[dict], config: RLConfig) -> dict:
     return stats
 
 
+def update_phase(config: RLConfig, out: Path, step: int, source: Path, samples: list[dict], say) -> tuple[Path, dict]:
+    """The update; if it fails (a Train worker lost, its node gone), the step's samples are
+    not learned from, the weights stay `source` (no checkpoint for this step: a rerun
+    resumes from the last one), and the run goes on."""
+    try:
+        return update(config, out, step, source, samples)
+    except Exception as e:       # Ray Train wraps the worker's error: name it, keep going
+        first = (str(e).splitlines() or [""])[0][:200]
+        say(f"step {step}: the update failed ({type(e).__name__}: {first}); its samples are not learned from")
+        return source, {"update_failed": True}
+
+
+def sync_weights(rollout, checkpoint: Path) -> None:
+    """The new weights to the rollout worker through the object store: read once here, put
+    once, copied in place by the worker (which needs no access to `out`)."""
+    import ray
+    weights = ray.put(checkpoint_weights(checkpoint))
+    try:
+        ray.get(rollout.sync.remote(weights, str(checkpoint)))
+    finally:
+        del weights     # the store frees the copy once the worker has it
+
+
 def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: dict, upd: dict,
                  times: dict) -> dict:
     sampled = [s for s in samples if not s["expert"]]
@@ -152,6 +230,7 @@ def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: d
             "entropy_estimate": round(sum(nll) / len(nll), 4) if nll else None,
             "completion_tokens": sum(len(s["completion_ids"]) for s in sampled),
             **{k: upd.get(k) for k in ("loss", "clip_fraction", "approx_kl_old", "kl_ref", "grad_norm", "sequences")},
+            "update_failed": bool(upd.get("update_failed")),
             "time_s": {k: round(v, 2) for k, v in times.items()}}
 
 
@@ -245,8 +324,7 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     log = _Log(out)
     with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
         judge = Judge(fleet, policy="rl")
-        rollout = ray.remote(num_cpus=1)(RolloutWorker).remote(str(source), config.rollout.engine,
-                                                               config.rollout.batch_size)
+        rollout = Rollout(config, source, out)
 
         def batch_of(n: int) -> list[dict]:
             rng = random.Random(f"{config.seed}:{n}")
@@ -259,20 +337,19 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                 step += 1
                 times: dict[str, float] = {}
                 t = time.monotonic()
-                pending = pending or rollout_submit(rollout, batch_of(step), config, step)
-                batch, samples = pending["cases"], rollout_samples(rollout, pending, config)
+                pending = pending or rollout.submit(batch_of(step), step)
+                batch, samples = pending["cases"], rollout.samples(pending, source, say)
                 times["generation"] = time.monotonic() - t      # what the loop waited for its samples
                 # With overlap the next step's groups are generated while this step's run in
                 # sandboxes, by the weights before this step's update (staleness 1): the update's
                 # importance ratio uses the logprobs stored with them.
-                pending = (rollout_submit(rollout, batch_of(step + 1), config, step + 1)
-                           if overlap and step < config.steps else None)
+                pending = rollout.submit(batch_of(step + 1), step + 1) if overlap and step < config.steps else None
                 t = time.monotonic()
                 judge_phase(judge, batch, samples)
                 times["execution"] = time.monotonic() - t
                 adv_stats = advantage_phase(samples, config)
                 t = time.monotonic()
-                source, upd = update(config, out, step, source, samples)
+                source, upd = update_phase(config, out, step, source, samples, say)
                 times["update"] = time.monotonic() - t
                 if pending is not None:       # the worker finishes the next groups before it loads
                     t = time.monotonic()
@@ -280,9 +357,11 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                     ray.wait(refs, num_returns=len(refs))
                     times["generation_next"] = time.monotonic() - t
                 t = time.monotonic()
-                ray.get(rollout.load.remote(str(source)))
+                if not upd.get("update_failed"):
+                    rollout.sync(source, say)
                 times["sync"] = time.monotonic() - t
                 m = step_metrics(step, batch, samples, adv_stats, upd, times)
+                m["rollout_restarts"] = rollout.restarts
                 log.step(m)
                 if on_step:
                     on_step(m)
@@ -296,7 +375,7 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
                     f"update {times['update']:.0f} s, sync {times['sync']:.0f} s")
         finally:
             log.close()
-            ray.kill(rollout)
+            rollout.close()
     summary = {"steps": step, "checkpoint": str(source), "metrics": str(log.path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

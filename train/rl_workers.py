@@ -6,8 +6,11 @@ Why one fit per step: the update needs the batch only after the fleet has judged
 a fit that starts from the last checkpoint and ends with the next one makes every step
 resumable by construction (Ctrl-C or `ray job stop` loses at most the step in flight).
 Its cost (starting the workers, loading the model) is reported as part of the update
-time. The rollout workers load the new checkpoint from the run's directory: on one
-machine, or on a cluster whose `out` is shared storage.
+time. The new weights reach the rollout worker through Ray's object store: the driver
+reads the checkpoint it was handed back once, puts its tensors in the store, and the
+worker copies them into the model it holds (`RolloutWorker.sync`), so a rollout worker on
+another node needs no shared storage and builds no new engine. An engine that cannot take
+weights in place (vLLM) loads the checkpoint's directory instead.
 """
 
 from __future__ import annotations
@@ -64,11 +67,22 @@ class RolloutWorker:
         self.load(model_dir)
 
     def load(self, model_dir: str) -> str:
-        """Swap in new weights (a checkpoint directory): the sync after each update."""
+        """A new engine for a model directory (the first load, or an engine that cannot take
+        weights in place)."""
         from .rollout import make_engine
         self.engine = make_engine(model_dir, kind=self.kind, batch_size=self.batch_size)
         self.model_dir = model_dir
         return model_dir
+
+    def sync(self, weights: dict | None, model_dir: str) -> str:
+        """The sync after each update: `weights` (the checkpoint's tensors, from the object
+        store) copied into the engine's model in place; without them, or for an engine
+        without `load_weights`, the checkpoint's directory is loaded."""
+        if weights is None or not hasattr(self.engine, "load_weights"):
+            return self.load(model_dir)
+        self.engine.load_weights(weights)
+        self.model_dir = model_dir
+        return "object store"
 
     def generate(self, prompts: list, params: dict) -> list[list[dict]]:
         from .rollout import SamplingParams
@@ -82,6 +96,19 @@ class RolloutWorker:
     def prompt_ids(self, messages: list) -> list[int]:
         from .format import prompt_ids
         return prompt_ids(self.engine.tokenizer, messages)
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The tensors of a checkpoint's model (its top-level safetensors files; a LoRA
+    checkpoint's adapter/ is not the model), as the rollout workers receive them."""
+    from safetensors.torch import load_file
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no model weights (*.safetensors) to send to the rollout workers")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
 
 
 # ---- the update ---------------------------------------------------------------------------------
@@ -224,5 +251,5 @@ def _report(model, opt, metrics: dict, cfg: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-__all__ = ["CHECKPOINT_PREFIX", "RolloutWorker", "checkpoints", "completion_logprobs", "latest_checkpoint",
+__all__ = ["CHECKPOINT_PREFIX", "RolloutWorker", "checkpoint_weights", "checkpoints", "completion_logprobs", "latest_checkpoint",
            "step_of", "update", "update_loop", "use_gpu"]

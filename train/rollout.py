@@ -97,6 +97,22 @@ class TransformersEngine:
     def __repr__(self) -> str:
         return f"TransformersEngine({str(self.path)!r}, device={self.device!r})"
 
+    def load_weights(self, state: dict) -> None:
+        """New values for the model's parameters, in place (RL's sync after an update). A
+        checkpoint of a model with tied embeddings may leave the head out; anything else
+        missing or unknown means the weights are another model's, which is an error."""
+        import torch
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        try:
+            with torch.no_grad():
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:     # a tensor of another shape: another model's weights
+            raise TrainError(f"weights for {self.path} do not fit its model: {str(e).splitlines()[-1].strip()}") from None
+        if unexpected or set(missing) - tied:
+            raise TrainError(f"weights for {self.path} do not fit its model: missing {sorted(set(missing) - tied)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        self.model.eval()
+
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
         _check_params(params)
         ids = [_as_ids(self.tokenizer, p) for p in prompts]
