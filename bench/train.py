@@ -23,6 +23,12 @@ GPU (where torch sees one): the same on a random-initialised Qwen2 of the 0.5B s
 memory, and `generate` tokens/s at batch 1 and 8. Where there is no GPU the JSON says so,
 with the reason; no GPU number is ever estimated.
 
+How torch's OpenMP threads wait (`--omp-wait passive,spin`, side by side in one run):
+`passive` (OMP_WAIT_POLICY=PASSIVE, what `remed` and the tests set: e2e_reme.host) or
+`spin` (libgomp's default, busy-waiting before sleeping). `--busy N` keeps N CPU-bound
+processes running through the measurement, as a fault's stress workers or other
+sandboxes do while an episode generates.
+
 Prints a table and writes JSON (bench/results/train.json). Timings on a shared machine are
 noisy: the JSON records the load average before and after.
 """
@@ -221,6 +227,9 @@ def measure(spec: dict) -> dict:
 
 def run_one(spec: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)))
+    env.pop("OMP_WAIT_POLICY", None)           # spin: libgomp's default
+    if spec.get("omp_wait", "passive") == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     res = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if res.returncode != 0:
@@ -254,6 +263,9 @@ def main() -> None:
                     help="also measure the SFT step with adapters only in the last N layers (repeatable)")
     ap.add_argument("--model-gen-tokens", type=int, default=128, help="new tokens per generate() call on --model")
     ap.add_argument("--skip-tiny", action="store_true", help="measure only --model")
+    ap.add_argument("--generate-only", action="store_true", help="no SFT step rows for --model")
+    ap.add_argument("--omp-wait", default="passive", help="OpenMP wait policies to compare: passive, spin (comma list)")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running through the measurement")
     ap.add_argument("--lengths", metavar="DIR", help="print the compact prompt's and the runbook answer's token "
                                                      "counts per case with DIR's tokenizer, and exit")
     args = ap.parse_args()
@@ -269,34 +281,59 @@ def main() -> None:
         print(json.dumps(measure_pretrained(spec) if spec.get("model_dir") else measure(spec)))
         return
 
-    from e2e_reme.train.sft import bf16_supported
 
     console = Console(width=None if sys.stdout.isatty() else 160)
+    waits = [w.strip() for w in args.omp_wait.split(",")]
+    if set(waits) - {"passive", "spin"}:
+        ap.error(f"--omp-wait {args.omp_wait}: use passive, spin or both")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        results, rows = measure_all(args, console, waits)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+    print_results(args, console, results, rows)
+
+
+def _vs_spin(row: dict, rows: list[dict]) -> str:
+    """tokens/s of a passive-wait row over the same measurement with spin-waiting threads."""
+    if row.get("omp_wait") != "passive":
+        return "-"
+    same = ("what", "model", "threads", "batch", "precision")
+    spin = [r for r in rows if r.get("omp_wait") == "spin" and "error" not in r
+            and all(r.get(k) == row.get(k) for k in same)]
+    return f"{row['tokens_per_s'] / spin[0]['tokens_per_s']:.2f}x" if spin and spin[0]["tokens_per_s"] else "-"
+
+
+def measure_all(args, console, waits: list[str]) -> tuple[dict, list[dict]]:
+    from e2e_reme.train.sft import bf16_supported
     load0 = os.getloadavg()
     common = dict(seq_len=args.seq_len, answer_len=args.answer_len, steps=args.steps, gen_tokens=args.gen_tokens)
     rows = []
     tiny = tiny_shape()
     precisions = ["fp32"] + (["bf16"] if bf16_supported("cpu") else [])
-    for threads, model_dir in [(int(t), m) for t in args.threads.split(",") for m in args.model or []]:
+    for threads, model_dir, wait in [(int(t), m, w) for t in args.threads.split(",") for m in args.model or []
+                                     for w in waits]:
         name = Path(model_dir).name
-        base = dict(device="cpu", threads=threads, precision="fp32", model=name,
+        base = dict(device="cpu", threads=threads, precision="fp32", model=name, omp_wait=wait, busy=args.busy,
                     model_dir=str(Path(model_dir).resolve()), steps=args.model_steps, gen_tokens=args.model_gen_tokens)
-        for top in [None] + (args.lora_top_layers or []):
-            console.log(f"cpu LoRA SFT step, {name}, {threads} thread(s)"
+        for top in [None] + (args.lora_top_layers or []) if not args.generate_only else []:
+            console.log(f"cpu LoRA SFT step, {name}, {threads} thread(s), OpenMP {wait}"
                         + (f", adapters in the last {top} layers" if top else ""))
             rows.append(run_one(dict(base, what="train", batch=1, lora_top_layers=top,
                                      model=name + (f" lora-top{top}" if top else ""))))
         for batch in (1, 8):
-            console.log(f"cpu generate, {name}, {threads} thread(s), batch {batch}")
+            console.log(f"cpu generate, {name}, {threads} thread(s), batch {batch}, OpenMP {wait}")
             rows.append(run_one(dict(base, what="generate", batch=batch)))
     for threads in [int(t) for t in args.threads.split(",")] if not args.skip_tiny else []:
         for prec in precisions:
             spec = dict(common, what="train", device="cpu", threads=threads, precision=prec, batch=1,
-                        model="tiny", shape=tiny)
+                        model="tiny", shape=tiny, omp_wait=waits[0], busy=args.busy)
             console.log(f"cpu train, tiny, {threads} thread(s), {prec}")
             rows.append(run_one(spec))
         spec = dict(common, what="generate", device="cpu", threads=threads, precision="fp32", batch=1,
-                    model="tiny", shape=tiny)
+                    model="tiny", shape=tiny, omp_wait=waits[0], busy=args.busy)
         console.log(f"cpu generate, tiny, {threads} thread(s)")
         rows.append(run_one(spec))
 
@@ -316,29 +353,35 @@ def main() -> None:
     results = {"bench": "train", "host": platform.node(), "cpu": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "cpu_bf16": bf16_supported("cpu"), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                "args": vars(args), "gpu": gpu_section, "rows": rows}
+    return results, rows
+
+
+def print_results(args, console, results: dict, rows: list[dict]) -> None:
+    load0 = results["loadavg_before"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "train.json"
     path.write_text(json.dumps(results, indent=2))
 
     t = Table(title=f"policy model throughput (seq {args.seq_len} tokens, loss on {args.answer_len}; "
-                    f"load avg {load0[0]:.1f} -> {results['loadavg_after'][0]:.1f})")
-    for c in ("what", "model", "params", "device", "threads", "precision", "batch", "tokens/s", "step s",
-              "CPU s", "prefill s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"):
-        t.add_column(c, justify="left" if c in ("what", "model", "device", "precision") else "right")
+                    f"load avg {load0[0]:.1f} -> {results['loadavg_after'][0]:.1f}; {args.busy} busy process(es))")
+    for c in ("what", "model", "params", "device", "threads", "OpenMP wait", "precision", "batch", "tokens/s",
+              "vs spin", "step s", "CPU s", "prefill s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"):
+        t.add_column(c, justify="left" if c in ("what", "model", "device", "precision", "OpenMP wait") else "right")
     for r in rows:
+        wait = r.get("omp_wait", "-") if r["device"] == "cpu" else "-"
         if "error" in r:
-            t.add_row(r["what"], r["model"], "-", r["device"], str(r.get("threads")), r["precision"], str(r["batch"]),
-                      f"[red]{r['error']}[/]", "", "", "", "", "", "")
+            t.add_row(r["what"], r["model"], "-", r["device"], str(r.get("threads")), wait, r["precision"],
+                      str(r["batch"]), f"[red]{r['error']}[/]", *[""] * 7)
             continue
-        t.add_row(r["what"], r["model"], f"{r['parameters'] / 1e6:.1f} M", r["device"], str(r["threads"]),
-                  r["precision"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", str(r.get("step_s", "-")),
-                  str(r.get("step_cpu_s", r.get("cpu_seconds", "-"))), str(r.get("prefill_s", "-")),
-                  str(r.get("decode_tokens_per_s", "-")), f"{r['peak_rss_mib']:.0f}",
+        t.add_row(r["what"], r["model"], f"{r['parameters'] / 1e6:.1f} M", r["device"], str(r["threads"]), wait,
+                  r["precision"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", _vs_spin(r, rows),
+                  str(r.get("step_s", "-")), str(r.get("step_cpu_s", r.get("cpu_seconds", "-"))),
+                  str(r.get("prefill_s", "-")), str(r.get("decode_tokens_per_s", "-")), f"{r['peak_rss_mib']:.0f}",
                   str(r.get("peak_gpu_mib", "-")))
     console.print(t)
-    if not has_gpu:
-        console.print(f"GPU: not measured ({gpu})")
+    if not results["gpu"]["available"]:
+        console.print(f"GPU: not measured ({results['gpu']['reason']})")
     console.print(f"results: {path}")
 
 

@@ -1,5 +1,6 @@
 """Small helpers for driving the host: run a command with a clear error, check that a
-process is still the one we started, and delete a tree that may still hold mounts."""
+process is still the one we started, delete a tree that may still hold mounts, and how
+torch's threads wait on a host they share with sandboxes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Sequence
+
+
+def passive_thread_waits() -> None:
+    """Let torch's OpenMP threads sleep, not spin, while they wait for each other: call it
+    before torch is imported (the OpenMP runtime reads OMP_WAIT_POLICY once, when it loads);
+    processes started afterwards (Ray's local workers among them) inherit it. A value the
+    user set is kept.
+
+    Why: here a model generates or trains while sandboxes run on the same cores (a fault's
+    stress workers, other episodes). libgomp's default spins before it sleeps; a thread
+    spinning for a partner that the scheduler has preempted holds the core that partner
+    needs, and every one of the ~1000 parallel regions of a decoding step pays for it
+    (`bench/train.py --omp-wait passive,spin --busy 1`, docs/train.md)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class HostCommandError(RuntimeError):

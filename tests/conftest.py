@@ -11,6 +11,10 @@ import signal
 
 import pytest
 
+from e2e_reme.host import passive_thread_waits
+
+passive_thread_waits()      # before any test imports torch: tests share the cores with sandboxes
+
 from e2e_reme.simulators import list_sandboxes
 
 # A test run started in the background by a non-interactive shell (`make test &`, nohup)

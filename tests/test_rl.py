@@ -40,7 +40,8 @@ BIN = Path(sys.executable).parent
 PREFIX = f"ptrl{secrets.token_hex(1)}"
 # Token authentication on the head and its clients, said explicitly: `ray start --head`
 # turns it on only where ~/.ray/auth_token already exists (a local `ray.init` of an earlier
-# test may have written it), and a client asked to send a token needs one.
+# test may have written it), and a client asked to send a token needs one. The head inherits
+# OMP_WAIT_POLICY from the environment conftest set, as its workers must (docs/train.md).
 CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
 
 

@@ -34,7 +34,7 @@ Launch, on this machine (a local Ray is started when no cluster is given):
     python train/rl.py --config configs/rl-cpu.yaml steps=3 objective.algorithm=reinforce
 
 Against a Ray cluster (on this machine: `ray get-auth-token --generate`, then
-`RAY_AUTH_MODE=token ray start --head --resources='{"sandbox_host": 1}'`);
+`OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=token ray start --head --resources='{"sandbox_host": 1}'`);
 the job runs in a copy of the working directory, without runs/, so `root` says where the
 config's relative paths (the model, the traces, the output) are:
 
@@ -62,6 +62,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray job submit`)
+    from e2e_reme.host import passive_thread_waits
+    passive_thread_waits()         # before torch loads, for this process and the local Ray it starts
     import e2e_reme.train  # noqa: F401  (the installed package; this file is its train/rl.py)
     __package__ = "e2e_reme.train"
 

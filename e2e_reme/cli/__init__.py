@@ -4,9 +4,14 @@ own here and is only a thin layer over the stage packages."""
 from __future__ import annotations
 
 import signal
-import typer
 
-from ._common import console, err_console, run_cli
+from e2e_reme.host import passive_thread_waits
+
+passive_thread_waits()      # before any command imports torch (e2e_reme/host.py says why)
+
+import typer  # noqa: E402
+
+from ._common import console, err_console, run_cli  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="E2E-REME: real sandboxes, real faults, verified remediation playbooks.")
