@@ -73,6 +73,21 @@ def test_n_samples_per_prompt_and_a_seed_reproduces_them(engine, prompts):
     assert [[c.completion_ids for c in g] for g in a] == [[c.completion_ids for c in g] for g in b]
 
 
+def test_a_group_runs_its_prompt_once_and_its_logprobs_still_match_a_forward_pass(engine, prompts):
+    # n completions of one prompt in one micro-batch share the prompt's KV cache.
+    (group,) = engine.generate(prompts[:1], SamplingParams(temperature=1.5, max_tokens=16, n=4, seed=11))
+    assert len({tuple(c.completion_ids) for c in group}) > 1
+    for c in group:
+        ref = forward_logprobs(engine.model, c.prompt_ids, c.completion_ids)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=2e-3), (c.logprobs, ref.tolist())
+
+
+def test_a_shared_prompt_gives_the_greedy_answer_of_a_prompt_run_alone(engine, prompts):
+    alone = engine.generate(prompts[1:2], SamplingParams(max_tokens=12))[0][0]
+    group = engine.generate(prompts[1:2], SamplingParams(max_tokens=12, n=3))[0]
+    assert [c.completion_ids for c in group] == [alone.completion_ids] * 3
+
+
 def test_a_prompt_given_as_ids_is_the_same_prompt(engine, prompts):
     ids = prompt_ids(engine.tokenizer, prompts[0])
     a = engine.generate([prompts[0]], SamplingParams(max_tokens=8))[0][0]

@@ -155,6 +155,8 @@ class TransformersEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         t0 = time.monotonic()
         with torch.no_grad():
+            if len(batch) > 1 and len(batch[0]) > 1 and all(p == batch[0] for p in batch):
+                kwargs["cache"] = self._shared_prefix(batch[0], len(batch))
             res = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                       **kwargs)
         latency = time.monotonic() - t0
@@ -177,6 +179,23 @@ class TransformersEngine:
                                    text=tok.decode(comp, skip_special_tokens=True), finish_reason=finish,
                                    latency_s=round(latency, 3)))
         return outs
+
+
+    def _shared_prefix(self, prompt: list[int], copies: int):
+        """The KV cache of a prompt's forward pass (all but its last token, which `generate`
+        feeds itself), copied for each of the `copies` completions of a group: the prompt is
+        run once instead of once per completion (RL samples groups of one prompt)."""
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=_ids([prompt[:-1]], self.device), cache=cache, use_cache=True,
+                   logits_to_keep=1)
+        cache.batch_repeat_interleave(copies)
+        return cache
+
+
+def _ids(rows: list[list[int]], device):
+    import torch
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class VLLMEngine:
