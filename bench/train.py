@@ -8,8 +8,9 @@ With --model DIR (a local HF directory, e.g. the Gemma 3 270M of `remed model im
 one LoRA SFT step as the trainer does it (r 16 on every projection, fp32, SDPA attention,
 logits and loss only on the answer) on a typical example: the benchmark's compact prompt
 for a recorded report of tests/data/train-episodes.jsonl and the expert runbook's answer,
-tokenised by the model's own tokenizer; then greedy generation tokens/s of the model as
-evaluation runs it (adapters merged, i.e. a plain model) at batch 1 and 8.
+tokenised by the model's own tokenizer; then greedy generation tokens/s through the rollout
+engine (adapters merged, i.e. a plain model): one completion as evaluation runs it, and a
+group of 8 completions of the prompt as RL samples them (the prompt run once).
 
 CPU (always): the tiny model of configs/model-tiny.yaml (random init; the tokenizer does not
 matter for speed, so the vocabulary is set to its configured size), one SFT step as the
@@ -143,21 +144,22 @@ def measure_pretrained(spec: dict) -> dict:
         out.update(step_s=round(med, 2), step_cpu_s=round(sorted(cpu)[len(cpu) // 2], 2),
                    tokens_per_s=round(ids.shape[1] / med, 1), loss=round(loss.item(), 4))
     else:
+        # As evaluation (batch 1) and RL (a group of `batch` completions of one prompt) run
+        # it: the rollout engine, greedy, after the typical example's prompt.
+        from e2e_reme.train.rollout import SamplingParams, TransformersEngine
         model.eval()
-        batch = spec["batch"]
-        prompt = torch.tensor([ex["input_ids"][:ex["prompt_len"]]] * batch)
-        kw = dict(max_new_tokens=spec["gen_tokens"], min_new_tokens=spec["gen_tokens"], do_sample=False,
-                  pad_token_id=tok.pad_token_id)
+        engine = TransformersEngine(path, batch_size=spec["batch"])
+        prompt = ex["input_ids"][:ex["prompt_len"]]
         with torch.no_grad():
-            model.generate(input_ids=prompt[:1, :32], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-            # The prompt's forward pass alone (what generate does first), to tell it from decoding.
+            engine.generate([prompt[:32]], SamplingParams(max_tokens=4))
+            # The prompt's forward pass alone (what generation does first), to tell it from decoding.
             t0 = time.perf_counter()
-            model(input_ids=prompt, logits_to_keep=1)
+            engine.model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
             prefill = time.perf_counter() - t0
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kw)
+        t0, c0 = time.perf_counter(), time.process_time()
+        (group,) = engine.generate([prompt], SamplingParams(max_tokens=spec["gen_tokens"], n=spec["batch"]))
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        new = (res.shape[1] - prompt.shape[1]) * batch
+        new = sum(len(c.completion_ids) for c in group)
         out.update(seconds=round(dt, 2), cpu_seconds=round(dc, 2), new_tokens=new, tokens_per_s=round(new / dt, 1),
                    prefill_s=round(prefill, 2), decode_tokens_per_s=round(new / max(1e-6, dt - prefill), 1))
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
