@@ -31,9 +31,9 @@ from e2e_reme.simulators.episode import EpisodeConfig, Scenario, run_episode
 from e2e_reme.simulators.policies import make_policy
 from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
-from e2e_reme.train.rl import rollout_actor_name, run
+from e2e_reme.train.rl import run
 from e2e_reme.train.rl_config import load_config
-from e2e_reme.train.rl_workers import checkpoints
+from e2e_reme.train.rl_workers import checkpoints, rollout_actor_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

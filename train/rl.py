@@ -70,7 +70,7 @@ if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray
 from .errors import NoTrainingData, TrainError
 from .objective import group_advantages
 from .rl_config import RLConfig, load_config
-from .rl_workers import RolloutWorker, checkpoint_weights, latest_checkpoint, step_of, update
+from .rl_workers import Rollout, latest_checkpoint, step_of, update
 
 
 # ---- the training cases ---------------------------------------------------------------------------
@@ -96,85 +96,6 @@ def training_cases(config: RLConfig) -> list[dict]:
 
 
 # ---- one step, phase by phase -------------------------------------------------------------------
-
-def rollout_actor_name(out: Path, restarts: int) -> str:
-    """The rollout worker's actor name (in the run's namespace): the `restarts`-th of this run."""
-    return f"rl-rollout-{os.getpid()}-{restarts}:{Path(out).name}"
-
-
-class Rollout:
-    """The rollout worker (a Ray actor), and its replacement when it dies: a lost worker
-    costs the step the time to start another from the current weights and to generate
-    its groups again, never the run (`restarts` counts them)."""
-
-    def __init__(self, config: RLConfig, source: Path, out: Path):
-        self.config, self.out, self.restarts = config, out, 0
-        self.actor = self._start(source)
-
-    def _start(self, source: Path):
-        import ray
-        r = self.config.rollout
-        return (ray.remote(num_cpus=1)(RolloutWorker)
-                .options(name=rollout_actor_name(self.out, self.restarts))
-                .remote(str(source), r.engine, r.batch_size))
-
-    def _restart(self, source: Path, why: Exception, say) -> None:
-        import ray
-        ray.kill(self.actor)
-        self.restarts += 1
-        say(f"rollout worker lost ({type(why).__name__}); starting another from {Path(source).name}")
-        self.actor = self._start(source)
-
-    def submit(self, cases: list[dict], step: int) -> dict:
-        """Start generating the group of each case; returns at once."""
-        r, a = self.config.rollout, self.actor
-        params = {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "n": r.group_size,
-                  "seed": self.config.seed * 100003 + step}
-        return {"cases": cases, "step": step, "actor": a,
-                "groups": a.generate.remote([c["messages"] for c in cases], params) if r.group_size else None,
-                "expert_ids": a.answer_ids.remote([c["expert"] for c in cases]) if r.expert_per_group else None}
-
-    def samples(self, pending: dict, source: Path, say) -> list[dict]:
-        """The groups of a submitted batch; if the worker that had them died, generated
-        again by a new one (from `source`, the current weights)."""
-        import ray
-        try:
-            return rollout_samples(pending, self.config)
-        except ray.exceptions.RayActorError as e:
-            if pending["actor"] is self.actor:
-                self._restart(source, e, say)
-            return rollout_samples(self.submit(pending["cases"], pending["step"]), self.config)
-
-    def sync(self, checkpoint: Path, say) -> None:
-        """The new weights to the worker (a worker found dead is replaced, loading them)."""
-        import ray
-        try:
-            sync_weights(self.actor, checkpoint)
-        except ray.exceptions.RayActorError as e:
-            self._restart(checkpoint, e, say)
-
-    def close(self) -> None:
-        import ray
-        ray.kill(self.actor)
-
-
-def rollout_samples(pending: dict, config: RLConfig) -> list[dict]:
-    """The group of each case: sampled completions, then the expert's answer if configured."""
-    import ray
-    cases, actor = pending["cases"], pending["actor"]
-    groups = ray.get(pending["groups"]) if pending["groups"] is not None else [[]] * len(cases)
-    expert_ids = ray.get(pending["expert_ids"]) if pending["expert_ids"] is not None else []
-    samples = []
-    for i, (case, group) in enumerate(zip(cases, groups)):
-        prompt = group[0]["prompt_ids"] if group else ray.get(actor.prompt_ids.remote(case["messages"]))
-        for c in group:
-            samples.append({"case": i, "text": c["text"], "prompt_ids": prompt, "completion_ids": c["completion_ids"],
-                            "old_logprobs": c["logprobs"], "expert": False})
-        for _ in range(config.rollout.expert_per_group):
-            samples.append({"case": i, "text": case["expert"], "prompt_ids": prompt, "completion_ids": expert_ids[i],
-                            "old_logprobs": None, "expert": True})
-    return samples
-
 
 def judge_phase(judge, cases: list[dict], samples: list[dict]) -> None:
     """Every sample executed and verified on the fleet; its reward and outcome added."""
@@ -203,17 +124,6 @@ def update_phase(config: RLConfig, out: Path, step: int, source: Path, samples: 
         first = (str(e).splitlines() or [""])[0][:200]
         say(f"step {step}: the update failed ({type(e).__name__}: {first}); its samples are not learned from")
         return source, {"update_failed": True}
-
-
-def sync_weights(rollout, checkpoint: Path) -> None:
-    """The new weights to the rollout worker through the object store: read once here, put
-    once, copied in place by the worker (which needs no access to `out`)."""
-    import ray
-    weights = ray.put(checkpoint_weights(checkpoint))
-    try:
-        ray.get(rollout.sync.remote(weights, str(checkpoint)))
-    finally:
-        del weights     # the store frees the copy once the worker has it
 
 
 def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: dict, upd: dict,
