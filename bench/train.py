@@ -26,7 +26,8 @@ with the reason; no GPU number is ever estimated.
 
 How torch's OpenMP threads wait (`--omp-wait passive,spin`, side by side in one run):
 `passive` (OMP_WAIT_POLICY=PASSIVE, what `remed` and the tests set: e2e_reme.host) or
-`spin` (libgomp's default, busy-waiting before sleeping). `--busy N` keeps N CPU-bound
+`spin` (libgomp's default, busy-waiting before sleeping) or `spin:N` (GOMP_SPINCOUNT=N: spin
+N times, then sleep). `--busy N` keeps N CPU-bound
 processes running through the measurement, as a fault's stress workers or other
 sandboxes do while an episode generates.
 
@@ -156,12 +157,16 @@ def measure_pretrained(spec: dict) -> dict:
             t0 = time.perf_counter()
             engine.model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
             prefill = time.perf_counter() - t0
-        t0, c0 = time.perf_counter(), time.process_time()
-        (group,) = engine.generate([prompt], SamplingParams(max_tokens=spec["gen_tokens"], n=spec["batch"]))
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        runs = []       # (wall, CPU) seconds of each timed call; the median is reported
+        for _ in range(spec.get("repeats", 1)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            (group,) = engine.generate([prompt], SamplingParams(max_tokens=spec["gen_tokens"], n=spec["batch"]))
+            runs.append((time.perf_counter() - t0, time.process_time() - c0))
+        dt, dc = sorted(runs)[len(runs) // 2]
         new = sum(len(c.completion_ids) for c in group)
         out.update(seconds=round(dt, 2), cpu_seconds=round(dc, 2), new_tokens=new, tokens_per_s=round(new / dt, 1),
-                   prefill_s=round(prefill, 2), decode_tokens_per_s=round(new / max(1e-6, dt - prefill), 1))
+                   prefill_s=round(prefill, 2), decode_tokens_per_s=round(new / max(1e-6, dt - prefill), 1),
+                   all_seconds=[round(w, 2) for w, _ in runs])
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -230,8 +235,12 @@ def measure(spec: dict) -> dict:
 def run_one(spec: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)))
     env.pop("OMP_WAIT_POLICY", None)           # spin: libgomp's default
-    if spec.get("omp_wait", "passive") == "passive":
+    env.pop("GOMP_SPINCOUNT", None)
+    wait = spec.get("omp_wait", "passive")
+    if wait == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif wait.startswith("spin:"):             # spin this many times, then sleep
+        env["GOMP_SPINCOUNT"] = wait.split(":", 1)[1]
     res = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if res.returncode != 0:
@@ -264,9 +273,10 @@ def main() -> None:
     ap.add_argument("--lora-top-layers", type=int, action="append",
                     help="also measure the SFT step with adapters only in the last N layers (repeatable)")
     ap.add_argument("--model-gen-tokens", type=int, default=128, help="new tokens per generate() call on --model")
+    ap.add_argument("--gen-repeats", type=int, default=3, help="timed generate() calls per configuration on --model (the median is reported)")
     ap.add_argument("--skip-tiny", action="store_true", help="measure only --model")
     ap.add_argument("--generate-only", action="store_true", help="no SFT step rows for --model")
-    ap.add_argument("--omp-wait", default="passive", help="OpenMP wait policies to compare: passive, spin (comma list)")
+    ap.add_argument("--omp-wait", default="passive", help="OpenMP wait policies to compare: passive, spin, spin:N (comma list)")
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running through the measurement")
     ap.add_argument("--lengths", metavar="DIR", help="print the compact prompt's and the runbook answer's token "
                                                      "counts per case with DIR's tokenizer, and exit")
@@ -286,8 +296,8 @@ def main() -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     waits = [w.strip() for w in args.omp_wait.split(",")]
-    if set(waits) - {"passive", "spin"}:
-        ap.error(f"--omp-wait {args.omp_wait}: use passive, spin or both")
+    if any(w not in ("passive", "spin") and not (w.startswith("spin:") and w[5:].isdigit()) for w in waits):
+        ap.error(f"--omp-wait {args.omp_wait}: use passive, spin or spin:N (a comma list)")
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         results, rows = measure_all(args, console, waits)
@@ -299,8 +309,8 @@ def main() -> None:
 
 
 def _vs_spin(row: dict, rows: list[dict]) -> str:
-    """tokens/s of a passive-wait row over the same measurement with spin-waiting threads."""
-    if row.get("omp_wait") != "passive":
+    """tokens/s of a row over the same measurement with libgomp's default spin-waiting."""
+    if row.get("omp_wait") == "spin":
         return "-"
     same = ("what", "model", "threads", "batch", "precision")
     spin = [r for r in rows if r.get("omp_wait") == "spin" and "error" not in r
@@ -319,7 +329,8 @@ def measure_all(args, console, waits: list[str]) -> tuple[dict, list[dict]]:
                                      for w in waits]:
         name = Path(model_dir).name
         base = dict(device="cpu", threads=threads, precision="fp32", model=name, omp_wait=wait, busy=args.busy,
-                    model_dir=str(Path(model_dir).resolve()), steps=args.model_steps, gen_tokens=args.model_gen_tokens)
+                    model_dir=str(Path(model_dir).resolve()), steps=args.model_steps, gen_tokens=args.model_gen_tokens,
+                    repeats=args.gen_repeats)
         for top in [None] + (args.lora_top_layers or []) if not args.generate_only else []:
             console.log(f"cpu LoRA SFT step, {name}, {threads} thread(s), OpenMP {wait}"
                         + (f", adapters in the last {top} layers" if top else ""))

@@ -188,6 +188,30 @@ def test_a_lost_rollout_worker_costs_time_not_the_run(submitted, config_file):
     assert not [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
 
 
+def test_a_failed_update_costs_its_step_not_the_run(submitted, config_file, tmp_path):
+    # After step 1 its checkpoint is damaged on disk (as a failing disk would leave it):
+    # step 2's Train worker cannot load it and the fit fails. The step is judged
+    # and logged as a failed update, nothing is learned from it, no checkpoint is written
+    # for it, and the run ends normally on the weights it had.
+    config, r = submitted
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out, lines = tmp_path / "run", []
+
+    def damage_after_step_1(m):
+        if m["step"] == 1:
+            (out / "checkpoint_000001" / "model.safetensors").write_bytes(b"not a tensor file")
+
+    summary = run(load_config(config_file, [f"out={out}", "steps=2"]), say=lines.append,
+                  on_step=damage_after_step_1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["update_failed"]) for m in rows] == [(1, False), (2, True)]
+    assert rows[1]["reward"] is not None and rows[1]["loss"] is None      # judged, not learned from
+    assert any("step 2: the update failed" in line for line in lines), lines
+    assert [c.name for c in checkpoints(out)] == ["checkpoint_000001"]
+    assert Path(summary["checkpoint"]).name == "checkpoint_000001" and summary["steps"] == 2
+    assert not [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
+
+
 @pytest.mark.parametrize("override, match", [("steps=0", "steps must be at least 1"),
                                              ("objective.algorithm=ppo", "grpo, reinforce"),
                                              ("rollout.group_size=0", "at least two completions"),

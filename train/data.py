@@ -30,8 +30,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 

@@ -623,7 +623,6 @@ def _my_share(step: int, examples: list[dict], t: TrainConfig, rank: int, world:
 def _backward(model, params: list, parts: list, global_targets: int, world: int, bf16: bool) -> tuple:
     """The gradients of this worker's share (summed loss / the global batch's targets, times
     the world size because DDP averages); the all-reduce runs with the last part."""
-    import torch
     loss_sum, tokens = 0.0, 0
     for k, (ids, a) in enumerate(parts):
         sync = k == len(parts) - 1 or not hasattr(model, "no_sync")

@@ -59,7 +59,7 @@ def init(config_file: Path = typer.Option(..., "--config", help="Model YAML, e.g
     from dataclasses import replace
 
     from e2e_reme.train.data import AugmentConfig, DataConfig, HoldoutConfig, build_sft_data, corpus_texts
-    from e2e_reme.train.model import ModelConfig, count_parameters, init_model
+    from e2e_reme.train.model import ModelConfig, init_model
 
     cfg = ModelConfig.from_dict(read_config(config_file))
     c = cfg.corpus
