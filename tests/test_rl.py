@@ -239,3 +239,26 @@ def test_the_saved_config_is_the_whole_run_config(submitted):
     config, _ = submitted
     saved = json.loads((Path(config.out) / "config.json").read_text())
     assert saved["rollout"]["expert_per_group"] == 1 and saved["fleet"]["host"]["slots"] == 2
+
+
+RECORDED = ("Affected service: shippingservice on host n1 (unit remed-shippingservice.service, port 50052).\n"
+            "- memory hog: pid 88 (unit run-r78f7a135acfc429db37045feb6c00518.service) holds 641.9 MiB\n"
+            "- nft rules that drop: ip daddr 198.18.1.3 numgen random mod 100 < 50 drop\n"
+            "- journal: connection from 198.18.1.2 reset\n")
+# The expert's answer: what the fix needs from the report (not the journal's address).
+EXPERT = ("- name: stop run-r78f7a135acfc429db37045feb6c00518.service\n"
+          "  shell: kill 88; nft delete rule ip daddr 198.18.1.3\n")
+
+
+@pytest.mark.parametrize("fresh, stale", [
+    (RECORDED.replace("641.9", "577.0"), []),                                  # only measurements changed
+    (RECORDED.replace("198.18.1.2", "198.18.2.2"), []),                        # an address the fix does not need
+    (RECORDED.replace("run-r78f7a135acfc429db37045feb6c00518", "run-r0123"),
+     ["run-r78f7a135acfc429db37045feb6c00518.service"]),                       # a new transient unit
+    (RECORDED.replace("198.18.1.", "198.18.2."), ["198.18.1.3"]),              # another sandbox's subnet
+    (RECORDED.replace("pid 88", "pid 91"), ["pid 88"]),
+    ("", ["198.18.1.3", "pid 88", "run-r78f7a135acfc429db37045feb6c00518.service"]),
+])
+def test_a_prompt_naming_what_the_fix_needs_and_the_judged_episode_lacks_is_stale(fresh, stale):
+    from e2e_reme.train.rl import stale_identifiers
+    assert stale_identifiers(RECORDED, fresh, EXPERT) == stale

@@ -26,7 +26,10 @@ trainer), and there is one rollout worker. `expert_per_group` (0 by
 default) lets the case's verified expert answer join its group, judged like any
 completion (its old logprobs are the current policy's): a guide for a policy that never
 succeeds on its own, off unless configured. The prompt is the report recorded with the
-trace; the judged episode observes the same case afresh.
+trace; the judged episode observes the same case afresh, so a sample whose prompt names a
+transient unit, an address or a pid that the fix needs and the fresh episode does not
+have is masked
+(`stale_prompt`), not scored: its failure would not be the policy's.
 
 Launch, on this machine (a local Ray is started when no cluster is given):
 
@@ -54,6 +57,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -88,7 +92,8 @@ def training_cases(config: RLConfig) -> list[dict]:
         if config.data.faults and rec["scenario"]["fault"] not in config.data.faults:
             continue
         ex = trace_example(rec)
-        cases.append({"scenario": Scenario(**rec["scenario"]), "messages": ex.messages, "expert": ex.answer})
+        cases.append({"scenario": Scenario(**rec["scenario"]), "messages": ex.messages, "expert": ex.answer,
+                      "report_text": rec.get("report_text") or ""})
     if not cases:
         raise NoTrainingData(f"no verified '{config.data.policy}' trace of the training split under "
                              f"{', '.join(config.data.episodes)}; collect some: `remed train collect --config ...`")
@@ -97,12 +102,39 @@ def training_cases(config: RLConfig) -> list[dict]:
 
 # ---- one step, phase by phase -------------------------------------------------------------------
 
+# What an answer copies from a report and a new injection of the same scenario may change: a
+# transient unit's name (systemd-run picks it), an address (the sandbox's subnet), a pid.
+_VOLATILE = re.compile(r"\b(?:run-[\w-]+\.service|\d{1,3}(?:\.\d{1,3}){3}|pid \d+)\b")
+
+
+def stale_identifiers(recorded: str, fresh: str, expert: str) -> list[str]:
+    """The identifiers of the recorded report (the prompt) that the fix needs (the expert's
+    verified answer copies them) and the judged episode's own report does not name: where
+    there are any, a completion answered a state that is no longer there. Identifiers the
+    fix does not need (an address in a journal line) do not count."""
+    now = set(_VOLATILE.findall(fresh))
+
+    def needed(ident: str) -> bool:        # a pid is copied as its number (`kill 88`)
+        value = ident.removeprefix("pid ")
+        return re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w-]|\.\d)", expert) is not None
+
+    return sorted({i for i in _VOLATILE.findall(recorded) if i not in now and needed(i)})
+
+
 def judge_phase(judge, cases: list[dict], samples: list[dict]) -> None:
-    """Every sample executed and verified on the fleet; its reward and outcome added."""
+    """Every sample executed and verified on the fleet; its reward and outcome added. A
+    sample whose prompt names what the fix needs and the judged episode no longer has
+    (stale_identifiers) gets no reward: a failure there says nothing about the policy (docs/train.md, "A known
+    hole"), so it is masked like an infrastructure failure, and a success is not trusted
+    either way."""
     judged = judge([cases[s["case"]]["scenario"] for s in samples], [s["text"] for s in samples],
                    [s["completion_ids"] for s in samples])
     for s, j in zip(samples, judged):
-        s.update(reward=j.reward, outcome=j.outcome, stage=j.stage, episode=j.id)
+        s.update(reward=j.reward, outcome=j.outcome, stage=j.stage, reason=j.reason, episode=j.id)
+        case = cases[s["case"]]
+        stale = stale_identifiers(case["report_text"], j.record.get("report_text") or "", case["expert"])
+        if stale and j.reward is not None:
+            s.update(reward=None, outcome="stale_prompt", judged_outcome=j.outcome, stale=stale)
 
 
 def advantage_phase(samples: list[dict], config: RLConfig) -> dict:
@@ -138,6 +170,7 @@ def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: d
             "success_by_fault": {f: round(sum(v) / len(v), 3) for f, v in sorted(by_fault.items())},
             "expert_reward": [s["reward"] for s in samples if s["expert"]],
             "masked_fraction": round(adv_stats["masked_infrastructure"] / max(1, len(samples)), 4),
+            "masked_stale_prompt": sum(s["outcome"] == "stale_prompt" for s in samples),
             **{k: v for k, v in adv_stats.items() if k.startswith("groups")},
             "entropy_estimate": round(sum(nll) / len(nll), 4) if nll else None,
             "completion_tokens": sum(len(s["completion_ids"]) for s in sampled),
