@@ -295,6 +295,8 @@ def main() -> None:
 
 
     console = Console(width=None if sys.stdout.isatty() else 160)
+    if args.gen_repeats < 1:
+        ap.error(f"--gen-repeats {args.gen_repeats}: time at least one generate() call")
     waits = [w.strip() for w in args.omp_wait.split(",")]
     if any(w not in ("passive", "spin") and not (w.startswith("spin:") and w[5:].isdigit()) for w in waits):
         ap.error(f"--omp-wait {args.omp_wait}: use passive, spin or spin:N (a comma list)")

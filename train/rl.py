@@ -27,9 +27,8 @@ default) lets the case's verified expert answer join its group, judged like any
 completion (its old logprobs are the current policy's): a guide for a policy that never
 succeeds on its own, off unless configured. The prompt is the report recorded with the
 trace; the judged episode observes the same case afresh, so a sample whose prompt names a
-transient unit, an address or a pid that the fix needs and the fresh episode does not
-have is masked
-(`stale_prompt`), not scored: its failure would not be the policy's.
+transient unit, an address or a pid that the fix needs and the fresh episode does not have
+is masked (`stale_prompt`), not scored: its failure would not be the policy's.
 
 Launch, on this machine (a local Ray is started when no cluster is given):
 
@@ -124,9 +123,9 @@ def stale_identifiers(recorded: str, fresh: str, expert: str) -> list[str]:
 def judge_phase(judge, cases: list[dict], samples: list[dict]) -> None:
     """Every sample executed and verified on the fleet; its reward and outcome added. A
     sample whose prompt names what the fix needs and the judged episode no longer has
-    (stale_identifiers) gets no reward: a failure there says nothing about the policy (docs/train.md, "A known
-    hole"), so it is masked like an infrastructure failure, and a success is not trusted
-    either way."""
+    (stale_identifiers) gets no reward: a failure there says nothing about the policy
+    (docs/train.md, "A known hole"), so it is masked like an infrastructure failure, and a
+    success is not trusted either way."""
     judged = judge([cases[s["case"]]["scenario"] for s in samples], [s["text"] for s in samples],
                    [s["completion_ids"] for s in samples])
     for s, j in zip(samples, judged):
