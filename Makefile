@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -m "not vm and not slow"
 
 APT_PACKAGES := debootstrap systemd-container libvirt-daemon-system libvirt-dev pkg-config \
 	qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables openssh-client dnsmasq-base \
-	python3-venv python3-dev gcc
+	python3-venv python3-dev gcc nginx
 
 .PHONY: demo test setup system-packages daemons image model clean-sandboxes help
 help:
@@ -25,6 +25,9 @@ system-packages:
 	  echo "installing system packages: $$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  if echo "$$missing" | tr ' ' '\n' | grep -qx nginx && [ -d /run/systemd/system ]; then \
+	    systemctl disable --now nginx.service >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 
 # libvirtd and virtlogd: through systemd where it is PID 1, started directly elsewhere.

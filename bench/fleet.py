@@ -129,6 +129,8 @@ def main() -> None:
     import ray
     scenarios = [c.scenario for c in plan(CollectConfig(episodes=args.episodes, faults=FAULTS, seed=args.seed))[0]]
     runs = []
+    from e2e_reme.ray_auth import private_token
+    private_token()                     # the local head's token, 0600 before Ray writes one
     ray.init(resources={"sandbox_host": 1}, include_dashboard=False, log_to_driver=False, namespace="bench")
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:

@@ -1,25 +1,25 @@
-"""What serving costs and what batching buys, measured side by side in one run.
+"""What serving costs and what the admission front holds, measured in one run.
 
     .venv/bin/python bench/serve.py --model runs/models/gemma3-270m --max-tokens 16
-    .venv/bin/python bench/serve.py --model DIR --concurrency 1,4,16 --requests 32
+    .venv/bin/python bench/serve.py --model DIR --concurrency 1,4 --requests 16 --slow-clients 40
+    .venv/bin/python bench/serve.py --model DIR --compare-batching 8      # + batched and in-process
 
-The same prompts (SoloGen prompts of the reports in tests/data/train-episodes.jsonl, the
-benchmark's one prompt format) three ways:
-  1. in-process: the rollout engine called directly, one prompt at a time (latency), and
-     in batches of --batch prompts (throughput): no HTTP, no Ray;
-  2. `POST /v1/remediate` dry-run on a local Ray Serve deployment with dynamic batching
-     (max_batch_size --batch), at each --concurrency level of client threads: latency
-     p50/p95 per request and requests per second;
-  3. the same deployment with batching off (max_batch_size 1), at the same levels.
-Greedy decoding; every generation is exactly --max-tokens long unless the model stops.
-Prints a table (medians and ratios side by side) and writes JSON under --out.
+For each admission front (`--proxies`: nginx, what `remed serve` starts, and none, Serve's
+own proxy alone) a local Ray Serve deployment answers `POST /v1/remediate` dry-runs of the
+SoloGen prompts of the reports in tests/data/train-episodes.jsonl (the benchmark's one
+prompt format), at each --concurrency level of client threads: requests per second and
+latency p50/p99. Then `GET /healthz` is timed idle and while --slow-clients connections
+hold a request open the way a slowloris client does (headers sent, body trickled one byte
+every 0.5 s and never finished). Greedy decoding; every generation is exactly
+--max-tokens long unless the model stops. Prints the tables and writes JSON under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import socket
 import sys
 import threading
 import time
@@ -100,25 +100,92 @@ def load(url: str, reps: list[dict], concurrency: int, requests: int, max_tokens
         th.join()
     wall = time.monotonic() - t0
     return {"concurrency": concurrency, "requests": requests, "errors": len(errors), "error_samples": errors[:3],
-            "latency_s": {"p50": pct(lat, .5), "p95": pct(lat, .95)}, "rps": round(len(lat) / wall, 3),
-            "wall_s": round(wall, 2)}
+            "latency_s": {"p50": pct(lat, .5), "p95": pct(lat, .95), "p99": pct(lat, .99)},
+            "rps": round(len(lat) / wall, 3), "wall_s": round(wall, 2)}
+
+
+def healthz_latency(url: str, n: int = 10, timeout: float = 5.0) -> dict:
+    """`n` GET /healthz one after another: latency p50/p99/max of those answered, and how
+    many were not answered within `timeout`."""
+    lat, failed = [], 0
+    for _ in range(n):
+        t = time.monotonic()
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=timeout) as r:
+                r.read()
+            lat.append(time.monotonic() - t)
+        except Exception:
+            failed += 1
+    return {"requests": n, "failed": failed, "p50_s": pct(lat, .5), "p99_s": pct(lat, .99),
+            "max_s": round(max(lat), 3) if lat else None}
+
+
+def with_slow_clients(url: str, n: int, settle_s: float = 1.0) -> dict:
+    """/healthz latency while `n` clients hold connections open the way the issue's
+    attacker did: headers of a POST /v1/chat/completions sent, then its body trickled one
+    byte every 0.5 s, never finished. Also how many of them the server turned away (429 or
+    closed) and how many it still held at the end."""
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 100000\r\n\r\n{{\"messages\": [").encode()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((u.hostname, u.port), timeout=10)
+        s.sendall(head)
+        socks.append(s)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.5):
+            for s in socks:
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    pass
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        time.sleep(settle_s)
+        health = healthz_latency(url)
+        turned_away = held = 0
+        for s in socks:
+            s.settimeout(0.05)
+            try:
+                data = s.recv(64)
+                turned_away += 1 if (not data or data.startswith(b"HTTP/1.1 4")) else 0
+            except socket.timeout:
+                held += 1
+            except OSError:
+                turned_away += 1
+    finally:
+        stop.set()
+        t.join(5)
+        for s in socks:
+            s.close()
+    return {"slow_clients": n, "healthz": health, "turned_away": turned_away, "held": held}
 
 
 def served(model: str, reps: list[dict], max_tokens: int, batch: int, levels: list[int], requests: int,
-           console: Console, cpus: int) -> list[dict]:
+           console: Console, cpus: int, proxy: str = "nginx", slow_clients: int = 0) -> dict:
     from e2e_reme.serve.config import ServeConfig
     from e2e_reme.serve.launch import Server, free_port
     cfg = ServeConfig(model=model, port=free_port(), max_batch_size=batch, batch_wait_timeout_s=0.05,
-                      max_tokens=max_tokens, max_ongoing_requests=64, replica_cpus=1, token_env="")
-    out = []
+                      max_tokens=max_tokens, max_ongoing_requests=32, max_model_requests=16, replica_cpus=1,
+                      token_env="", proxy=proxy, request_timeout_s=600)
+    out: dict = {"proxy": proxy, "max_batch_size": batch, "levels": []}
     with Server(cfg, ray_init={"num_cpus": cpus}) as srv:
         load(srv.url, reps[:2], 1, 2, max_tokens)            # warm-up
         for c in levels:
             r = load(srv.url, reps, c, max(requests, c), max_tokens)
-            r["max_batch_size"] = batch
-            console.log(f"served, max_batch_size {batch}, {c} clients: p50 {r['latency_s']['p50']} s, "
-                        f"p95 {r['latency_s']['p95']} s, {r['rps']} req/s, {r['errors']} errors")
-            out.append(r)
+            console.log(f"served ({proxy}), max_batch_size {batch}, {c} clients: p50 {r['latency_s']['p50']} s, "
+                        f"p99 {r['latency_s']['p99']} s, {r['rps']} req/s, {r['errors']} errors")
+            out["levels"].append(r)
+        if slow_clients:
+            out["healthz_idle"] = healthz_latency(srv.url)
+            out["healthz_slow"] = with_slow_clients(srv.url, slow_clients)
+            console.log(f"served ({proxy}): /healthz idle {out['healthz_idle']}, with {slow_clients} slow clients "
+                        f"{out['healthz_slow']}")
     return out
 
 
@@ -130,38 +197,55 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT / "runs" / "models" / "gemma3-270m"))
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least the level)")
-    ap.add_argument("--batch", type=int, default=8, help="max_batch_size with batching (and in-process batch)")
+    ap.add_argument("--batch", type=int, default=1, help="max_batch_size of the deployment (1: no batching)")
+    ap.add_argument("--compare-batching", type=int, default=0, metavar="N",
+                    help="also serve with max_batch_size N, and run the engine in-process (batches of N)")
+    ap.add_argument("--proxies", default="nginx,none",
+                    help="admission fronts to measure: nginx (remed serve's default), none (Serve's proxy alone)")
+    ap.add_argument("--slow-clients", type=int, default=40, help="slow clients held open while /healthz is timed")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs the local Ray may use")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
     console = Console(width=160)
     levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    proxies = [p.strip() for p in a.proxies.split(",") if p.strip()]
     reps = reports(max(a.requests, max(levels)))
     model = str(Path(a.model).resolve())
     t0 = time.monotonic()
-    base = in_process(model, reps, a.max_tokens, a.batch, console)
-    batched = served(model, reps, a.max_tokens, a.batch, levels, a.requests, console, a.cpus)
-    single = served(model, reps, a.max_tokens, 1, levels, a.requests, console, a.cpus)
+    base = in_process(model, reps, a.max_tokens, a.compare_batching, console) if a.compare_batching else None
+    runs = [served(model, reps, a.max_tokens, a.batch, levels, a.requests, console, a.cpus, p, a.slow_clients)
+            for p in proxies]
+    if a.compare_batching:
+        runs.append(served(model, reps, a.max_tokens, a.compare_batching, levels, a.requests, console, a.cpus,
+                           proxies[0], 0))
 
-    t = Table(title=f"/v1/remediate dry-run vs in-process generation ({Path(model).name}, {a.max_tokens} tokens, "
-                    f"{base['engine']})")
-    for col in ("clients", "p50 s batched", "p95 s batched", "p50 s unbatched", "p95 s unbatched",
-                "p50 / in-process", "req/s batched", "req/s unbatched", "batched / unbatched"):
+    t = Table(title=f"POST /v1/remediate dry-run ({Path(model).name}, {a.max_tokens} new tokens, greedy)")
+    for col in ("front", "max_batch_size", "clients", "req/s", "p50 s", "p99 s", "errors"):
         t.add_column(col, justify="right")
-    t.add_row("in-process", str(base["latency_s"]["p50"]), str(base["latency_s"]["p95"]), "", "", "1.0",
-              f"{base['batched_rps']} (batches)", f"{base['sequential_rps']} (1 by 1)",
-              str(ratio(base["batched_rps"], base["sequential_rps"])))
-    for b, s in zip(batched, single):
-        t.add_row(str(b["concurrency"]), str(b["latency_s"]["p50"]), str(b["latency_s"]["p95"]),
-                  str(s["latency_s"]["p50"]), str(s["latency_s"]["p95"]),
-                  str(ratio(b["latency_s"]["p50"], base["latency_s"]["p50"])),
-                  str(b["rps"]), str(s["rps"]), str(ratio(b["rps"], s["rps"])))
+    if base:
+        t.add_row("in-process", str(a.compare_batching), "1", f"{base['sequential_rps']} (1 by 1)",
+                  str(base["latency_s"]["p50"]), "", "")
+    for r in runs:
+        for lv in r["levels"]:
+            t.add_row(r["proxy"], str(r["max_batch_size"]), str(lv["concurrency"]), str(lv["rps"]),
+                      str(lv["latency_s"]["p50"]), str(lv["latency_s"]["p99"]), str(lv["errors"]))
     console.print(t)
-    result = {"model": model, "max_tokens": a.max_tokens, "batch": a.batch, "cpus": a.cpus,
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "in_process": base,
-              "served_batched": batched, "served_unbatched": single, "wall_s": round(time.monotonic() - t0, 1)}
+    h = Table(title=f"GET /healthz (10 requests, 5 s timeout), idle and with {a.slow_clients} slow clients connected")
+    for col in ("front", "idle p50 s", "idle p99 s", "slow: p50 s", "slow: p99 s", "slow: max s", "slow: failed",
+                "slow clients turned away", "held"):
+        h.add_column(col, justify="right")
+    for r in runs:
+        if "healthz_slow" in r:
+            i, s = r["healthz_idle"], r["healthz_slow"]
+            h.add_row(r["proxy"], str(i["p50_s"]), str(i["p99_s"]), str(s["healthz"]["p50_s"]),
+                      str(s["healthz"]["p99_s"]), str(s["healthz"]["max_s"]),
+                      f"{s['healthz']['failed']}/{s['healthz']['requests']}", str(s["turned_away"]), str(s["held"]))
+    console.print(h)
+    result = {"model": model, "max_tokens": a.max_tokens, "cpus": a.cpus,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "in_process": base, "served": runs,
+              "load_average": list(os.getloadavg()), "wall_s": round(time.monotonic() - t0, 1)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"

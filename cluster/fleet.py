@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
+from e2e_reme.ray_auth import private_token
 from e2e_reme.simulators.episode import Scenario
 
-from .errors import FleetError, HostStartFailed, NoSandboxHosts, RayUnavailable
+from .errors import HostStartFailed, NoSandboxHosts, RayUnavailable
 from .sandbox_host import HostConfig, Job, SandboxHost, lost_record
 
 RESOURCE = "sandbox_host"
@@ -158,6 +158,8 @@ class Fleet:
             self._owns_ray = True
         else:
             kwargs["address"] = self.config.address
+        # A local head would write its token readable by every local user (e2e_reme/ray_auth.py).
+        private_token(create=self.config.address is None)
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -394,6 +396,7 @@ def cluster_nodes(address: str = "auto") -> list[dict]:
     ray = _ray()
     owned = not ray.is_initialized()
     if owned:
+        private_token(create=False)
         try:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -194,8 +194,8 @@ class SandboxHost:
                 raise HostStartFailed(f"host {self.hostname}: no guest image and building one failed: {e}") from e
             self._image = image.hash
             systems = self.config.systems or ("simple-micro",)
-            slots = [Slot(systems[i % len(systems)], backend=self.config.backend, name=self._sandbox_name(i))
-                     for i in range(self.n_slots)]
+            slots = [Slot(systems[i % len(systems)], backend=self.config.backend, name=self._sandbox_name(i),
+                          purpose=self._purpose(i)) for i in range(self.n_slots)]
             errors: list[str] = []
 
             def up(slot: Slot) -> None:
@@ -308,6 +308,9 @@ class SandboxHost:
     def _sandbox_name(self, i: int) -> str:
         return f"{self.config.sandbox_prefix}{self.pid % 100000}-{i}"
 
+    def _purpose(self, i: int) -> str:
+        return f"fleet host {self.hostname} slot {i}"      # what the slot's sandbox lease tells others
+
     def _acquire(self, job: Job) -> int:
         want = job.scenario.system
         with self._cond:
@@ -337,7 +340,7 @@ class SandboxHost:
     def _redeploy(self, i: int, system: str) -> None:
         old = self._slots[i]
         old.down()
-        self._slots[i] = Slot(system, backend=self.config.backend, name=old.name)
+        self._slots[i] = Slot(system, backend=self.config.backend, name=old.name, purpose=self._purpose(i))
         self._policies = {k: v for k, v in self._policies.items() if k[0] != i}
         try:
             self._slots[i].up()

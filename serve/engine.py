@@ -10,7 +10,9 @@ reported with its adapter and base (and `rl_step` from `rl_state.json`). A bare 
 adapter directory (peft's `adapter_config.json` + adapter weights: base + adapter) is
 loaded as its base model with the adapter merged in at load, on the transformers engine;
 its base is `base_model_name_or_path`, resolved relative to the adapter directory when it
-is a relative path.
+is a relative path. A release (releases/<name>: manifest.json, train/release.py) is checked
+against its manifest and loaded as its base with its adapter merged (cached after the first
+load); it is reported with its release directory and name.
 """
 
 from __future__ import annotations
@@ -49,7 +51,15 @@ def load_engine(path: str | Path, kind: str = "auto", device: str = "auto", dtyp
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelDirError(f"model directory {p}: not found; give a local Hugging Face model directory "
-                            f"(e.g. runs/models/gemma3-270m from `remed model import`)")
+                            f"(e.g. runs/models/gemma3-270m from `remed model import`) or a release (releases/<name>)")
+    from e2e_reme.train.release import is_release, materialize, read_manifest
+    if is_release(p):
+        release = p.resolve()
+        engine, info = load_engine(materialize(release), kind=kind, device=device, dtype=dtype, batch_size=batch_size)
+        m = read_manifest(release)
+        info.update(name=m["name"], release=str(release), adapter=str(release / "adapter"), merged=True,
+                    base=m["base"].get("package") or m["base"].get("source"))
+        return engine, info
     p = p.resolve()
     if (p / ADAPTER_CONFIG).is_file():
         if kind == "vllm":

@@ -13,6 +13,10 @@ It serves `POST /v1/chat/completions` and `GET /v1/models`. A responder is a cal
 "completion_tokens"} and "finish_reason". A responder whose signature accepts them also gets
 temperature, max_tokens and seed as keywords. The server never invents token counts: a
 response without usage from its responder carries no `usage` field.
+
+It is a tool for tests and demos on loopback, not a service: no admission limits, Host or
+Content-Type checks, token budget or authentication (those are `remed serve`'s,
+docs/serve.md). It refuses to listen anywhere but a loopback address.
 """
 
 from __future__ import annotations
@@ -137,6 +141,10 @@ class LocalChatServer:
         return f"http://{self.host}:{self._httpd.server_address[1]}/v1"
 
     def start(self) -> "LocalChatServer":
+        from .config import _loopback
+        if not _loopback(self.host):
+            raise ValueError(f"LocalChatServer listens on loopback only, not {self.host}: it has no admission limits "
+                             f"or authentication; serve a model to others with `remed serve`")
         httpd = _Server((self.host, self.port), _Handler)
         httpd.responder, httpd.model_name = self.responder, self.model_name
         httpd.pass_options, httpd.lock = _accepts_options(self.responder), threading.Lock()
@@ -229,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         srv = LocalChatServer(responder, host=args.host, port=args.port).start()
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}; pick another --port")
         return 2

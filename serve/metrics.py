@@ -14,6 +14,8 @@ Names (Ray prefixes its exports with `ray_`):
     remed_serve_gate_refusals_total{rule}
     remed_serve_executions_total{verdict="success"|"failure"|"not_judged"|"not_run"}
     remed_serve_batch_size                                histogram of generation batches
+    remed_serve_generating                                gauge: prompts in the engine now
+    remed_serve_generations_stopped_total{reason="client_gone"|"time_limit"}
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Metrics:
                                  registry=self.registry)
         self.p_batch = pc.Histogram("remed_serve_batch_size", "Prompts per generation batch",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.p_generating = pc.Gauge("remed_serve_generating", "Prompts in the engine now", registry=self.registry)
+        self.p_stopped = pc.Counter("remed_serve_generations_stopped", "Generations stopped before their end",
+                                    ["reason"], registry=self.registry)
         self.ray: dict[str, Any] = {}
         if use_ray:
             try:
@@ -58,6 +63,9 @@ class Metrics:
                                        tag_keys=("verdict",)),
                     "batch": rm.Histogram("remed_serve_batch_size", description="Prompts per generation batch",
                                           boundaries=list(BATCH_BUCKETS)),
+                    "generating": rm.Gauge("remed_serve_generating", description="Prompts in the engine now"),
+                    "stopped": rm.Counter("remed_serve_generations_stopped",
+                                          description="Generations stopped before their end", tag_keys=("reason",)),
                 }
             except Exception as e:          # outside a Serve replica: the text endpoint still counts
                 log.debug("ray metrics unavailable: %s", e)
@@ -92,6 +100,16 @@ class Metrics:
         self.p_batch.observe(size)
         if self.ray:
             self.ray["batch"].observe(size)
+
+    def generating(self, delta: int) -> None:
+        self.p_generating.inc(delta)
+        if self.ray:
+            self.ray["generating"].set(self.p_generating._value.get())
+
+    def stopped(self, reason: str) -> None:
+        self.p_stopped.labels(reason).inc()
+        if self.ray:
+            self.ray["stopped"].inc(tags={"reason": reason})
 
     def text(self) -> bytes:
         return self._pc.generate_latest(self.registry)

@@ -4,12 +4,18 @@
 benchmark's report JSON); unknown fields are refused, so a typo is named, not ignored.
 Every validation error becomes a 4xx whose message names the field and the fix
 (`describe_errors`), never a 500.
+
+A body is parsed by `parse_body` before any model sees it: UTF-8 only, JSON nested at
+most MAX_JSON_DEPTH deep, integers of at most MAX_INT_DIGITS digits, finite numbers only,
+strings without lone surrogates; a violation is a `BodyError` naming the field.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,6 +24,126 @@ from e2e_reme.simulators.reports import LEVELS, DiagnosisReport
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SANDBOX_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")     # simulators/sandbox/state.py NAME_RE
 MAX_ANSWER_CHARS = 64_000
+MAX_TEXT_CHARS = 4_000            # one symptom, log line or name in a report
+MAX_JSON_DEPTH = 32               # recorded reports nest 5 deep
+MAX_INT_DIGITS = 20               # a 64-bit integer has at most 20
+MAX_SEED = 2 ** 63 - 1
+MIN_TEMPERATURE = 0.01            # 0 is greedy; between the two a sampler divides by almost nothing
+MIN_TOP_P = 0.01
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class BodyError(ValueError):
+    """A body that is not acceptable JSON: the HTTP status, the message, the field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+class _BadNumber:
+    """What the parser keeps for a number it will not turn into a value."""
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _int(s: str) -> Any:
+    return int(s) if len(s.lstrip("-")) <= MAX_INT_DIGITS else _BadNumber(s)
+
+
+def _float(s: str) -> Any:
+    f = float(s)
+    return f if math.isfinite(f) else _BadNumber(s)
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object, or a BodyError naming what is wrong and where."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyError(400, f"the body is not UTF-8 text (byte {e.start}); send JSON encoded as UTF-8") from None
+    try:
+        obj = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_BadNumber)
+    except RecursionError:
+        raise BodyError(400, f"the body's JSON is nested too deep; at most {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise BodyError(400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); send a "
+                             f"JSON object with Content-Type: application/json") from None
+    if not isinstance(obj, dict):
+        raise BodyError(400, f"the body is a JSON {type(obj).__name__}; send a JSON object")
+    _check_values(obj)
+    return obj
+
+
+def _check_values(obj: Any) -> None:
+    """Depth, numbers and strings of a parsed body, without recursion."""
+    stack: list[tuple[Any, tuple, int]] = [(obj, (), 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        where = ".".join(str(p) for p in path) or "(body)"
+        if isinstance(v, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise BodyError(422, f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; send a flatter "
+                                     f"object", where)
+            for k, x in v.items():
+                if not _utf8(k):
+                    raise BodyError(422, f"{where}: a key holds a lone surrogate (\\ud800-\\udfff escape) that is "
+                                         f"not a character; send valid Unicode", where)
+                stack.append((x, path + (k,), depth + 1))
+        elif isinstance(v, list):
+            if depth > MAX_JSON_DEPTH:
+                raise BodyError(422, f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; send a flatter "
+                                     f"array", where)
+            stack.extend((x, path + (i,), depth + 1) for i, x in enumerate(v))
+        elif isinstance(v, _BadNumber):
+            raise BodyError(422, f"{where}: the number {v.text[:24]}{'...' if len(v.text) > 24 else ''} is not "
+                                 f"accepted: integers have at most {MAX_INT_DIGITS} digits and numbers must be "
+                                 f"finite (no NaN or Infinity); send a smaller value", where)
+        elif isinstance(v, str) and not _utf8(v):
+            raise BodyError(422, f"{where}: the string holds a lone surrogate (\\ud800-\\udfff escape) that is "
+                                 f"not a character; send valid Unicode", where)
+
+
+def _utf8(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _temperature(v: float) -> float:
+    if v != 0 and v < MIN_TEMPERATURE:
+        raise ValueError(f"a temperature between 0 and {MIN_TEMPERATURE} cannot be sampled with; send 0 for greedy "
+                         f"decoding or at least {MIN_TEMPERATURE}")
+    return v
+
+
+class Dependency(BaseModel):
+    """Where a service's dependency is reached (`target.dependencies.NAME`)."""
+    model_config = ConfigDict(extra="allow")
+    host: Optional[Text] = None
+    port: Optional[int] = Field(default=None, ge=0, le=65535)
+    kind: Optional[Text] = None
+
+
+class Target(BaseModel):
+    """Where the named service lives (`report.target`): what `DiagnosisReport.to_text()`
+    reads from it."""
+    model_config = ConfigDict(extra="allow")
+    node: Text
+    unit: Text
+    port: int = Field(ge=0, le=65535)
+    kind: Optional[Text] = None
+    health_path: Optional[Text] = None
+    config_path: Optional[Text] = None
+    data_dir: Optional[Text] = None
+    dependencies: dict[Text, Dependency] = Field(default_factory=dict)
 
 
 class Report(BaseModel):
@@ -26,16 +152,16 @@ class Report(BaseModel):
 
     system: str = Field(min_length=1, max_length=64)
     level: Literal["full", "symptoms", "minimal"]
-    symptoms: list[str] = Field(max_length=200)
+    symptoms: list[Text] = Field(max_length=200)
     observations: dict = Field(default_factory=dict)
-    call_graph: dict[str, list[str]] = Field(default_factory=dict)
-    placement: dict[str, list[str]]
-    service: Optional[str] = None
-    category: Optional[str] = None
-    fault_kind: Optional[str] = None
+    call_graph: dict[Text, list[Text]] = Field(default_factory=dict)
+    placement: dict[str, list[Text]]
+    service: Optional[Name] = None
+    category: Optional[Name] = None
+    fault_kind: Optional[Name] = None
     evidence: dict = Field(default_factory=dict)
-    target: Optional[dict] = None
-    logs: list[str] = Field(default_factory=list, max_length=200)
+    target: Optional[Target] = None
+    logs: list[Text] = Field(default_factory=list, max_length=200)
     created_at: float = 0.0
 
     @field_validator("placement")
@@ -68,7 +194,9 @@ class RemediateRequest(BaseModel):
     answer: Optional[str] = Field(default=None, min_length=1, max_length=MAX_ANSWER_CHARS)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
+
+    _temperature = field_validator("temperature")(classmethod(lambda cls, v: _temperature(v)))
 
     @field_validator("inventory")
     @classmethod
@@ -103,13 +231,15 @@ class ChatRequest(BaseModel):
     accepted and ignored (clients send many), except that n > 1 and tools are refused."""
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
+    model: Optional[Name] = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=MIN_TOP_P, le=1.0)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
+
+    _temperature = field_validator("temperature")(classmethod(lambda cls, v: _temperature(v)))
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

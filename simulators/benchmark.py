@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 from e2e_reme.config import build
 
-from e2e_reme.simulators.campaign import (Case, RecordStore, Skipped, make_cases, parse_backends, per_group, publish, run_local,
-                       stats)
+from e2e_reme.simulators.campaign import (Case, Planner, RecordStore, Skipped, make_cases, parse_backends, per_group, publish,
+                       run_local, stats)
 from e2e_reme.simulators.episode import EpisodeConfig
 from e2e_reme.simulators.policies.base import make_policy
 
@@ -96,12 +96,13 @@ def _backends_used(cases: list[Case], config: BenchConfig) -> dict:
 # ---- running ---------------------------------------------------------------------------------
 
 def run_bench(config: BenchConfig, *, on_event: Callable[[str, Any], None] | None = None,
-              stop: threading.Event | None = None) -> dict:
+              stop: threading.Event | None = None, planner: Planner | None = None) -> dict:
     """Run (or resume) the benchmark; return the results dict (also written to results.json).
     `on_event(kind, payload)` sees: ("cases", (todo, done, skipped)), ("slot", text),
-    ("step", (slot, text)), ("episode", EpisodeRecord)."""
+    ("step", (slot, text)), ("episode", EpisodeRecord). `planner`: one of config.backend's
+    that offers fewer targets (the trace collection's: the train split's services only)."""
     emit = on_event or (lambda kind, payload: None)
-    cases, skipped = make_cases(config.system, config.suite, config.seed, config.backend, config.limit)
+    cases, skipped = make_cases(config.system, config.suite, config.seed, planner or config.backend, config.limit)
     store = RecordStore(config.out)
     store.claim("config.json", config.to_dict(), RESUME_KEYS)
     todo, done = store.pending(cases)

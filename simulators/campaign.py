@@ -417,7 +417,8 @@ def run_local(cases: Sequence[Case], store: RecordStore, *, policy: Callable[[],
         if stop.is_set():
             break
         n = max(1, min(parallel, len(group)))
-        slots = [Slot(system, backend=backend, name=f"{prefix}-{tag}-{k + i}") for i in range(n)]
+        slots = [Slot(system, backend=backend, name=f"{prefix}-{tag}-{k + i}", purpose=f"{prefix} campaign worker {k + i}")
+                 for i in range(n)]
         _Workers(group, store, policy, out_dir, episode, emit, stop).run(slots, first=k)
         k += n
 

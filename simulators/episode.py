@@ -427,7 +427,9 @@ class Slot:
     """A sandbox with a system deployed, healthy and checkpointed, so that every episode's
     reset returns to that deployment instead of deploying again. One slot serves one
     episode at a time; the benchmark's worker threads and the fleet's host actors each
-    own a few.
+    own a few. A slot holds its sandbox's lease (simulators/sandbox/lease.py) from `up()`
+    to `down()`, across replacements, so no other user (a server's execute, another
+    process) drives the sandbox while the slot has it.
 
         slot = Slot("simple-micro", name="bench-1234-0").up()
         rec = run_case(slot, scenario, policy, out_dir=...)
@@ -435,9 +437,11 @@ class Slot:
     """
 
     def __init__(self, system: str, *, backend: str = "nspawn", name: str | None = None,
-                 sandbox_options: dict | None = None):
+                 sandbox_options: dict | None = None, purpose: str = "episode slot"):
         self.system, self.backend, self.name = system, backend, name
         self.sandbox_options = dict(sandbox_options or {})
+        self.purpose = purpose        # what its sandbox lease says to those it refuses
+        self.lease = None             # held from up() to down(): nobody else drives the sandbox meanwhile
         self.sb: Sandbox | None = None
         self.dep: Deployment | None = None
         self.replacements = 0
@@ -451,9 +455,18 @@ class Slot:
         from e2e_reme.simulators.sandbox.base import create_sandbox
         from e2e_reme.simulators.systems.deploy import deploy
         from e2e_reme.simulators.systems.spec import load_system
+        from e2e_reme.simulators.sandbox.lease import acquire
         spec = load_system(self.system)
         t0 = time.monotonic()
-        self.sb = create_sandbox(self.backend, nodes=spec.nodes, name=self.name, **self.sandbox_options)
+        if self.name and self.lease is None:       # before the sandbox exists: nobody can take it in between
+            self.lease = acquire(self.name, self.purpose, wait_s=2.0)
+        try:
+            self.sb = create_sandbox(self.backend, nodes=spec.nodes, name=self.name, **self.sandbox_options)
+            if self.lease is None:
+                self.lease = acquire(self.sb.name, self.purpose)
+        except BaseException:
+            self.down()
+            raise
         try:
             self.dep = deploy(self.sb, self.system)
             self.sb.checkpoint()
@@ -464,15 +477,21 @@ class Slot:
         self.up_s = round(time.monotonic() - t0, 2)
         return self
 
-    def down(self) -> None:
+    def down(self, keep_lease: bool = False) -> None:
         sb, self.sb, self.dep = self.sb, None, None
-        if sb is not None:
-            sb.stop()
+        try:
+            if sb is not None:
+                sb.stop()
+        finally:
+            if self.lease is not None and not (keep_lease and self.name):   # a nameless slot's next sandbox has another name
+                self.lease, lease = None, self.lease
+                lease.release()
 
     def replace(self) -> None:
-        """A fresh sandbox under the same name: the old one is destroyed first."""
+        """A fresh sandbox under the same name: the old one is destroyed first; the lease
+        is kept throughout."""
         self.replacements += 1
-        self.down()
+        self.down(keep_lease=True)
         self.up()
 
 
@@ -503,7 +522,7 @@ def run_case(slot: Slot, scenario: Scenario, policy: Policy, *, out_dir: Path,
             return rec
         if on_replace:
             on_replace(rec.reason)
-        slot.down()    # the next attempt brings up a fresh sandbox
+        slot.down(keep_lease=True)    # the next attempt brings up a fresh sandbox (under the same lease)
         edir = Path(out_dir) / rec.id
         kept = edir.with_name(f"{edir.name}.attempt{attempt}")
         from e2e_reme.host import safe_rmtree

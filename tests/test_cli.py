@@ -88,19 +88,10 @@ def test_no_free_address_says_what_to_do(image, sb_name):
         remed("sandbox", "down", sb_name)
 
 
-def test_a_node_that_never_answers_names_the_node_and_its_log(image, sb_name, tmp_path):
-    # An image whose sshd cannot start: same image, but the key is not the one the node trusts.
-    import shutil
-    fake = tmp_path / "images" / image.hash
-    fake.mkdir(parents=True)
-    for item in ("rootfs", "disk.qcow2", "vmlinuz", "initrd.img"):
-        (fake / item).symlink_to(image.dir / item)
-    shutil.copy(image.dir / "manifest.json", fake / "manifest.json")
-    (fake / "ssh").mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(fake / "ssh/id_ed25519")], check=True)
+def test_a_node_that_never_answers_names_the_node_and_its_log(image, sb_name):
+    # A node that has not answered when the wait ends (nodes trust their sandbox's own key,
+    # so a wrong image key no longer makes one that never does): sshd is not up 10 ms after boot.
     from e2e_reme.simulators import SandboxNotReady, create_sandbox, list_sandboxes
-    from e2e_reme.vm_images import Image
-    bad = Image(fake, image.manifest)
-    with pytest.raises(SandboxNotReady, match=r"node n0 \(198\.\d+\.\d+\.2\) did not answer in 3 s; see .*console.log"):
-        create_sandbox("nspawn", name=sb_name, image=bad, ready_timeout_s=3)
+    with pytest.raises(SandboxNotReady, match=r"node n0 \(198\.\d+\.\d+\.2\) did not answer in 0 s; see .*console.log"):
+        create_sandbox("nspawn", name=sb_name, image=image, ready_timeout_s=0.01)
     assert sb_name not in {r.name for r in list_sandboxes()}

@@ -46,7 +46,7 @@ NO_HOST_KEYS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
 
 def _cfg(sb, workdir: Path, **over) -> dict:
     n = sb.nodes
-    d = {"name": f"pt-{sb.name}", "ssh_private_key": str(sb.image.ssh_key), "install": "wheels",
+    d = {"name": f"pt-{sb.name}", "ssh_private_key": str(sb.ssh_key), "install": "wheels",
          "ssh_extra_args": NO_HOST_KEYS, "workdir": str(workdir),
          "hosts": {n[0].name: {"address": n[0].ip, "roles": ["head"], "ray_args": RAY_ARGS},
                    **{x.name: {"address": x.ip, "ray_args": RAY_ARGS} for x in n[1:]}}}

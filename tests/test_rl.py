@@ -73,8 +73,14 @@ def config_file(traces, tmp_path_factory):
     texts = [json.loads(traces.read_text())["report_text"], "- hosts: n0\n  tasks: []\n"]
     model = init_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                    tokenizer=TokenizerConfig(vocab_size=512), seed=1), d / "tiny", texts)
+    # The trace is on simple-micro, which the repository's splits hold out for the test; RL draws
+    # only the train split's cases, so this run has splits of its own where simple-micro trains.
+    splits = d / "splits.yaml"
+    splits.write_text(yaml.safe_dump({"trained_faults": ["pod-fail"],
+                                      "validation": {"services": {"boutique": ["adservice"]}},
+                                      "test": {"systems": ["train-ticket"]}}))
     cfg = {"out": str(d / "run"), "model": str(model), "steps": 1, "seed": 1,
-           "data": {"episodes": [str(traces)], "holdout": {"systems": [], "services": []}},
+           "data": {"episodes": [str(traces)], "splits": str(splits)},
            "rollout": {"scenarios_per_step": 1, "group_size": 1, "expert_per_group": 1, "max_tokens": 16,
                        "engine": "transformers"},
            "update": {"lr": 0.01, "workers": 1, "use_gpu": "false"},
@@ -88,8 +94,8 @@ def config_file(traces, tmp_path_factory):
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head on free ports that is also a sandbox host, stopped at the end (only ours)."""
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True,
-                   env=CLIENT_ENV)      # writes ~/.ray/auth_token where there is none
+    from e2e_reme.ray_auth import private_token
+    private_token()     # ~/.ray/auth_token, 0600, where there is none (`ray get-auth-token` would write it 0644)
     dash = _free_port()
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",

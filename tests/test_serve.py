@@ -44,6 +44,7 @@ def tiny_model(tmp_path_factory):
 def server(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-run")
     (tmp / "token").write_text(TOKEN + "\n")
+    (tmp / "token").chmod(0o600)             # a token file others can read is refused
     cfg = ServeConfig(model=str(tiny_model), port=free_port(), max_tokens=8, max_tokens_limit=64,
                       max_body_bytes=64 * 1024, max_batch_size=8, batch_wait_timeout_s=0.3,
                       token_file=str(tmp / "token"), sandboxes=("pt-srv-*",), exec_timeout_s=90,
@@ -186,8 +187,8 @@ def test_a_request_whose_client_goes_away_is_cancelled_and_never_generated(serve
     u = urlparse(server.url)
     body = json.dumps({"messages": [{"role": "user", "content": "going away"}], "max_tokens": 8}).encode()
     with socket.create_connection((u.hostname, u.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         time.sleep(0.05)             # inside the batch window (0.3 s): still queued, not generating
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not _metric(server, 'remed_serve_requests_total{route="/v1/chat/completions",status="499"}'):
@@ -232,7 +233,7 @@ def test_execute_with_the_token_runs_in_the_sandbox_and_returns_the_verdict_with
     assert v["judged"] is True and isinstance(v["success"], bool)
     assert {c["name"] for c in v["checks"]} >= {"fault_gone", "services", "integrity"}
     assert all("evidence" in c and "detail" in c for c in v["checks"])
-    assert Path(body["workdir"], "playbook.yaml").is_file()
+    assert Path(server.cfg.workdir, body["workdir"], "playbook.yaml").is_file()   # relative: no path of the host
 
 
 def test_metrics_count_requests_tokens_gate_refusals_and_executions(server):
@@ -299,9 +300,13 @@ def test_inventory_that_is_not_the_sandboxes_own_is_refused(server, sandbox):
 
 def test_the_benchmark_runs_the_solo_policy_through_the_served_model_and_records_its_failures(server, image,
                                                                                               tmp_path):
+    # The server refuses max_tokens above its limit (64 here) rather than lowering it: the
+    # policy asks for what the server allows.
+    (tmp_path / "bench.yaml").write_text("policy_options: {max_tokens: 64}\n")
     res = subprocess.run([REMED, "bench", "--policy", "solo", "--base-url", server.url + "/v1", "--system",
                           "simple-micro", "--suite", "easy", "--limit", "1", "--no-load", "--out", str(tmp_path),
-                          "--json"], capture_output=True, text=True, timeout=600)
+                          "--config", str(tmp_path / "bench.yaml"), "--json"], capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode in (0, 1), res.stderr[-2000:]
     results = json.loads(res.stdout[res.stdout.index("{"):])
     assert results["cases"] == 1 and results["complete"] and results["successes"] == 0

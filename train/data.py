@@ -7,9 +7,13 @@ store (`simulators.campaign.RecordStore`). An SFT trace is an episode of the
 expert runbook policy that the verifier judged a success: its full-detail report and the
 playbook that fixed the live system.
 
-Held out. Episodes of a held-out system, or whose faulty service is a held-out name, are
-never trained on; the renamed copies never draw a held-out name (nor the words those names
-are made of), so evaluation on them measures generalisation, not recall.
+Held out. Only the train split is trained on (train/splits.py, configs/splits.yaml or
+`data.splits`): episodes of a validation or test system, or whose faulty service is a
+validation or test service (or one of `data.holdout`, held out on top), are never trained on,
+nor traces of a fault type the splits do not train; the renamed copies never draw a held-out
+name (nor the words those names are made of), and a copy keeps its original system and
+service in its meta (that is its identity), so evaluation measures generalisation, not recall.
+`select_traces` is the one selection: SFT and RL's case drawing both use it.
 
 Augmented (`AugmentConfig`), each copy a consistent rewrite of one verified incident:
 - service names (and the system's name) replaced everywhere, in the report and in the
@@ -43,7 +47,8 @@ LEVELS = ("full", "symptoms", "minimal")
 
 @dataclass(frozen=True)
 class HoldoutConfig:
-    systems: tuple[str, ...] = ("simple-micro",)
+    """Held out on top of the splits (ad hoc; the splits file is the definition)."""
+    systems: tuple[str, ...] = ()
     services: tuple[str, ...] = ()
 
 
@@ -66,8 +71,9 @@ class AugmentConfig:
 class DataConfig:
     episodes: tuple[str, ...] = ("runs/sft-data",)
     policy: str = "runbook"            # whose successful episodes are the traces
-    faults: tuple[str, ...] = ()       # only traces of these fault types (empty: all)
-    holdout: HoldoutConfig = HoldoutConfig()
+    faults: tuple[str, ...] = ()       # only traces of these fault types (empty: all the splits train)
+    splits: str = ""                   # the split definition ("": $E2E_REME_SPLITS or configs/splits.yaml)
+    holdout: HoldoutConfig = HoldoutConfig()   # held out on top of the splits' validation and test
     augment: AugmentConfig = AugmentConfig()
     max_len: int = 4096                # prompt + answer tokens; longer examples are left out (counted)
 
@@ -103,6 +109,39 @@ def is_trace(rec: Mapping[str, Any], policy: str = "runbook") -> bool:
 def is_held_out(rec: Mapping[str, Any], holdout: HoldoutConfig) -> bool:
     sc = rec.get("scenario") or {}
     return sc.get("system") in holdout.systems or sc.get("target") in holdout.services
+
+
+def training_holdout(config: DataConfig) -> HoldoutConfig:
+    """What is never trained on: the splits' validation and test systems and services (those
+    of whole systems included), and `data.holdout` on top."""
+    from .splits import load_splits
+    s = load_splits(config.splits or None)
+    return HoldoutConfig(systems=tuple(dict.fromkeys((*s.held_out_systems(), *config.holdout.systems))),
+                         services=tuple(dict.fromkeys((*s.held_out_services(), *config.holdout.services))))
+
+
+def select_traces(records: Iterable[Mapping[str, Any]], config: DataConfig) -> tuple[list, list, dict]:
+    """The records trained on (verified traces of the train split, of trained fault types),
+    the held-out ones, and how many others were left out and why: the one selection SFT and
+    RL share."""
+    from .splits import load_splits
+    splits, holdout = load_splits(config.splits or None), training_holdout(config)
+    skipped = {"not a verified trace": 0, "held out": 0, "other fault type": 0, "fault type not trained": 0}
+    train, held = [], []
+    for rec in records:
+        fault = (rec.get("scenario") or {}).get("fault")
+        if not is_trace(rec, config.policy):
+            skipped["not a verified trace"] += 1
+        elif config.faults and fault not in config.faults:
+            skipped["other fault type"] += 1
+        elif is_held_out(rec, holdout):
+            skipped["held out"] += 1
+            held.append(rec)
+        elif not splits.trains(fault):
+            skipped["fault type not trained"] += 1
+        else:
+            train.append(rec)
+    return train, held, skipped
 
 
 def inventory_hosts(report: Mapping[str, Any]) -> tuple[str, ...]:
@@ -380,22 +419,13 @@ def build_sft_data(config: DataConfig) -> SFTData:
         raise NoTrainingData(
             f"no episode records under {', '.join(config.episodes) or '(no paths)'}; collect expert traces first: "
             f"`remed train collect --config configs/sft-tiny.yaml` (or `remed bench --policy runbook --out DIR`)")
-    skipped = {"not a verified trace": 0, "held out": 0, "other fault type": 0}
-    train, held = [], []
-    for rec in records:
-        if not is_trace(rec, config.policy):
-            skipped["not a verified trace"] += 1
-        elif config.faults and (rec.get("scenario") or {}).get("fault") not in config.faults:
-            skipped["other fault type"] += 1
-        elif is_held_out(rec, config.holdout):
-            skipped["held out"] += 1
-            held.append(rec)
-        else:
-            train.append(rec)
+    train, held, skipped = select_traces(records, config)
     if not train:
         raise NoTrainingData(f"none of the {len(records)} records under {', '.join(config.episodes)} is a verified "
-                             f"'{config.policy}' trace outside the held-out systems/services ({skipped})")
-    examples = [e for rec in train for e in augment_trace(rec, config.augment, config.holdout)]
+                             f"'{config.policy}' trace outside the held-out systems/services (the splits' "
+                             f"validation and test, data.holdout) of a trained fault type ({skipped})")
+    holdout = training_holdout(config)
+    examples = [e for rec in train for e in augment_trace(rec, config.augment, holdout)]
     return SFTData(examples, len(train), held, skipped)
 
 

@@ -1,14 +1,16 @@
 """Evaluation by execution: a model writes playbooks for held-out incidents on live
 sandboxes, and only the verifier's verdict counts.
 
-    results = run_eval("runs/sft-tiny/model", EvalConfig(), HoldoutConfig(systems=("simple-micro",)),
-                       "runs/sft-tiny/eval")
+    results = run_eval("runs/sft-tiny/model", EvalConfig(split="validation"), None, "runs/sft-tiny/eval")
     results["overall"]["success_rate"], results["per_fault"], results["overall"]["failure_stages"]
 
-The cases: MicroRemed's suite (`suite`, `seeds`) on every held-out system, as `remed
-bench` draws them, so the number is comparable with `remed bench --policy solo --model
-DIR` on that system; and, for every held-out service of a trained system, one case per
-fault type of the suite that applies to it. Each case is a real episode
+The cases: those of one split of configs/splits.yaml (train/splits.py; `split`: validation,
+the default, for every development decision; test, once per release), planned by the split
+whatever runs them: for each trained fault type (or those of `faults`), the split's
+`cases_per_fault` cases spread over its services (`seeds`: one plan per seed). A case is
+reported under its set: `system:<name>` for a system held out whole, `service:<name>` for a
+held-out service of a trained system. `model_dir` may be a release (releases/<name>,
+train/release.py): its base and adapter, checked against its manifest. Each case is a real episode
 (`simulators.episode.run_case`: reset, inject, report, the model's answer, gate, syntax
 check, execution, verification) with the model behind the benchmark's SoloGen policy,
 through the transformers engine (greedy decoding by default).
@@ -24,7 +26,7 @@ needed (and not used) here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,10 +42,11 @@ STAGE_NAMES = {"generate": "generation", "extract": "no_yaml", "parse": "no_yaml
 @dataclass(frozen=True)
 class EvalConfig:
     enabled: bool = True
-    suite: str = "easy"
-    seeds: tuple[int, ...] = (0,)
-    held_out_systems: bool = True      # the suite on every held-out system
-    held_out_services: bool = True     # each suite fault on every held-out service of a trained system
+    split: str = "validation"          # validation (every development decision) | test (once per release)
+    faults: tuple[str, ...] = ()       # only these fault types (empty: every type the splits train)
+    seeds: tuple[int, ...] = (0,)      # one plan of the split per seed
+    held_out_systems: bool = True      # the cases on the split's whole systems
+    held_out_services: bool = True     # the cases on the split's services of trained systems
     limit: int | None = None           # at most this many cases per set (quick looks)
     backend: str = "nspawn"
     temperature: float = 0.0
@@ -58,23 +61,12 @@ class EvalConfig:
         return build(cls, d, "eval config", TrainError)
 
 
-def eval_cases(config: EvalConfig, holdout) -> tuple[list, list[dict]]:
-    """The held-out cases (campaign `Case`s, each with its set), and those this host cannot run (with why)."""
-    from e2e_reme.simulators.campaign import Planner, make_cases, service_cases
-    planner = Planner(config.backend)
-    cases, skipped = [], []
-    for system in holdout.systems if config.held_out_systems else ():
-        name, got = f"system:{system}", {}
-        for seed in config.seeds:
-            cs, sk = make_cases(system, config.suite, seed, planner)
-            got.update((c.id, replace(c, eval_set=name)) for c in cs if c.id not in got)
-            if seed == config.seeds[0]:       # the other seeds skip the same faults
-                skipped += [replace(s, eval_set=name) for s in sk]
-        cases += list(got.values())[:config.limit]
-    for service in holdout.services if config.held_out_services else ():
-        cs, sk = service_cases(service, config.suite, config.seeds, planner, eval_set=f"service:{service}")
-        cases += cs[:config.limit]
-        skipped += sk
+def eval_cases(config: EvalConfig, splits=None) -> tuple[list, list[dict]]:
+    """The split's cases (campaign `Case`s, each with its set), and those this host cannot run
+    (with why). `splits`: a Splits, a splits file, or None (configs/splits.yaml)."""
+    from .splits import load_splits
+    cases, skipped = load_splits(splits).cases(config.split, config.backend, config.seeds, config.faults,
+                                               config.held_out_systems, config.held_out_services, config.limit)
     return cases, [s.to_dict() for s in skipped]
 
 
@@ -86,25 +78,36 @@ def make_eval_policy(model_dir: str | Path, config: EvalConfig):
     return SoloGen(EngineChatModel(engine), temperature=config.temperature, max_tokens=config.max_tokens)
 
 
-def run_eval(model_dir: str | Path | None, config: EvalConfig, holdout, out: str | Path, *,
-             on_event: Callable[[str, Any], None] | None = None, policy=None) -> dict:
-    """Run (or resume) every held-out case with the model (or, without one, with `policy`:
-    the runbook as the reference on the same cases); return and write the results."""
+def run_eval(model_dir: str | Path | None, config: EvalConfig, splits, out: str | Path, *,
+             on_event: Callable[[str, Any], None] | None = None, policy=None, command: str | None = None) -> dict:
+    """Run (or resume) every case of the config's split with the model (a model directory or a
+    release; or, without one, with `policy`: the runbook as the reference on the same cases);
+    return and write the results. `splits`: a Splits, a splits file, or None (configs/splits.yaml);
+    `command`: the command line, kept in config.json (a release's manifest quotes it)."""
     from e2e_reme.simulators.campaign import RecordStore, publish, run_local
     from e2e_reme.simulators.episode import EpisodeConfig
     from .model import check_model_dir
+    from .release import is_release, model_dir as resolve_model
+    from .splits import load_splits
 
     emit = on_event or (lambda kind, payload: None)
     if model_dir is None and policy is None:
         raise TrainError("nothing to evaluate: name a model directory or a policy")
-    judged = str(check_model_dir(model_dir)) if model_dir is not None else f"policy:{policy.name}"
-    cases, skipped = eval_cases(config, holdout)
+    judged = f"policy:{policy.name}" if model_dir is None else None
+    if model_dir is not None and is_release(model_dir):
+        judged = f"release:{Path(model_dir).resolve()}"
+        model_dir = resolve_model(model_dir)
+    judged = judged or str(check_model_dir(model_dir))
+    splits = load_splits(splits)
+    cases, skipped = eval_cases(config, splits)
     if not cases:
-        raise TrainError("no held-out case to evaluate: hold out a system or a service (data.holdout) whose "
-                         f"faults of suite '{config.suite}' this host can run")
+        raise TrainError(f"no case of the {config.split} split ({splits.source}) that this host can run "
+                         f"({len(skipped)} skipped: {'; '.join(s['reason'] for s in skipped[:2])})")
     store = RecordStore(out)
-    store.claim("config.json", {"model": judged, "eval": asdict(config), "holdout": asdict(holdout)},
-                keys=("model", "eval.suite", "eval.seeds", "eval.backend", "holdout"), what="evaluation")
+    store.claim("config.json", {"model": judged, "eval": asdict(config), "command": command,
+                                "splits": {"source": splits.source, "definition": splits.definition_sha256()}},
+                keys=("model", "eval.split", "eval.faults", "eval.seeds", "eval.backend", "splits.definition"),
+                what="evaluation")
     todo, _ = store.pending(cases)
     emit("eval_cases", {"total": len(cases), "todo": len(todo), "skipped": len(skipped)})
     if todo:
@@ -113,12 +116,13 @@ def run_eval(model_dir: str | Path | None, config: EvalConfig, holdout, out: str
                   episode=EpisodeConfig(report_detail=config.report_detail, verify_load=config.verify_load),
                   emit=_eval_events(emit, todo))
     records = store.records(cases)
-    results = {**summarize(records, skipped), "model": judged, "suite": config.suite,
+    results = {**summarize(records, skipped), "model": judged, "split": config.split,
+               "splits": {"source": splits.source, "definition": splits.definition_sha256()},
                "seeds": list(config.seeds), "complete": len(records) == len(cases)}
     o = results["overall"]
     return publish(store, results, results["per_set_fault"],
-                   f"execution success on held-out cases: {o['success_rate']:.0%} of {o['cases']}",
-                   ylabel="held-out success (95 % CI)")
+                   f"execution success on the {config.split} split: {o['success_rate']:.0%} of {o['cases']}",
+                   ylabel=f"{config.split} success (95 % CI)")
 
 
 def _eval_events(emit: Callable[[str, Any], None], cases: list) -> Callable[[str, Any], None]:

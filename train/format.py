@@ -18,6 +18,10 @@ Prompts are rendered by `render_chat`, the same function the benchmark's local m
 is given at evaluation time. An answer is tokenised on its own and appended after the
 prompt ids, which is also how a generated answer arrives (the engine returns the prompt
 ids and the completion ids separately): training never re-tokenises a transcript.
+
+Message text is data: `render_chat` keeps control-token strings inside it as text
+(`prompt.literal_messages`), and `prompt_ids` checks that the control tokens of the result
+are exactly those of the chat template itself.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Sequence
 
 from e2e_reme.simulators.playbook.execution import extract_yaml
 from e2e_reme.simulators.policies.models import plain_messages, render_chat
-from e2e_reme.simulators.policies.prompt import (append_user, build_messages, render_feedback,
+from e2e_reme.simulators.policies.prompt import (append_user, build_messages, control_tokens, render_feedback,
                                                  render_observations, report_text, system_prompt)
 
 IGNORE_INDEX = -100
@@ -44,8 +48,32 @@ def answer_text(playbook: str) -> str:
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
-    """The prompt's token ids, ending with the assistant's generation prompt."""
-    return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    """The prompt's token ids, ending with the assistant's generation prompt. Its control
+    tokens are the chat template's and no others: text never becomes one."""
+    ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    _, special = control_tokens(tokenizer)
+    if [i for i in ids if i in special] != _template_specials(tokenizer, tuple(m["role"] for m in
+                                                                         plain_messages(messages))):
+        raise ValueError("the prompt's text produced control tokens of its own (a role marker or end-of-turn "
+                         "token in a message); it cannot be given to the model")
+    return ids
+
+
+def _template_specials(tokenizer: Any, roles: tuple[str, ...]) -> list[int]:
+    """The control-token ids the chat template itself writes for turns of these roles
+    (rendered with plain one-letter contents), cached on the tokenizer."""
+    cache = getattr(tokenizer, "_remed_template_specials", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._remed_template_specials = cache
+        except AttributeError:
+            pass
+    if roles not in cache:
+        _, special = control_tokens(tokenizer)
+        skeleton = render_chat(tokenizer, [{"role": r, "content": "x"} for r in roles])
+        cache[roles] = [i for i in tokenizer(skeleton, add_special_tokens=False)["input_ids"] if i in special]
+    return cache[roles]
 
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:

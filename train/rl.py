@@ -35,7 +35,7 @@ Launch, on this machine (a local Ray is started when no cluster is given):
     python train/rl.py --config configs/rl-cpu.yaml            # or: remed train rl --config ...
     python train/rl.py --config configs/rl-cpu.yaml steps=3 objective.algorithm=reinforce
 
-Against a Ray cluster (on this machine: `ray get-auth-token --generate`, then
+Against a Ray cluster (on this machine: `(umask 077; ray get-auth-token --generate)`, then
 `OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=token ray start --head --resources='{"sandbox_host": 1}'`);
 the job runs in a copy of the working directory, without runs/, so `root` says where the
 config's relative paths (the model, the traces, the output) are:
@@ -79,17 +79,13 @@ from .rl_workers import Rollout, latest_checkpoint, step_of, update
 # ---- the training cases ---------------------------------------------------------------------------
 
 def training_cases(config: RLConfig) -> list[dict]:
-    """Every verified expert trace of the training split: its scenario, the solo prompt for
-    its report, and the expert's answer."""
+    """Every verified expert trace of the training split (train/data.py `select_traces`, the
+    selection SFT makes: configs/splits.yaml's validation and test never appear): its
+    scenario, the solo prompt for its report, and the expert's answer."""
     from e2e_reme.simulators.episode import Scenario
-    from .data import is_held_out, is_trace, read_episodes, trace_example
-    records = read_episodes(config.data.episodes)
+    from .data import read_episodes, select_traces, trace_example
     cases = []
-    for rec in records:
-        if not is_trace(rec, config.data.policy) or is_held_out(rec, config.data.holdout):
-            continue
-        if config.data.faults and rec["scenario"]["fault"] not in config.data.faults:
-            continue
+    for rec in select_traces(read_episodes(config.data.episodes), config.data)[0]:
         ex = trace_example(rec)
         cases.append({"scenario": Scenario(**rec["scenario"]), "messages": ex.messages, "expert": ex.answer,
                       "report_text": rec.get("report_text") or ""})
@@ -188,6 +184,8 @@ def ray_session(config: RLConfig):
     from e2e_reme.cluster import RESOURCE
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     kw = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="e2e-reme-rl")
+    from e2e_reme.ray_auth import private_token
+    private_token(create=not address)        # a local head's token, 0600 before Ray writes one
     if address:
         ray.init(address=address, **kw)
     else:

@@ -53,7 +53,8 @@ class UpdateConfig:
 @dataclass(frozen=True)
 class RLConfig:
     out: str = "runs/rl-cpu"
-    model: str = ""                    # the model to start from (an SFT export or any model directory)
+    model: str = ""                    # the model to start from: a release (releases/<name>, train/release.py),
+                                       # an SFT export or any model directory
     steps: int = 20
     seed: int = 0
     keep_checkpoints: int = 2
@@ -61,7 +62,8 @@ class RLConfig:
     root: str = ""                     # relative out/model/data.episodes are taken from here ("": the
                                        # current directory); a submitted job runs in a copy of the
                                        # working directory without runs/, so pass root=$PWD
-    data: DataConfig = DataConfig()    # the training cases: verified expert traces, held-out split excluded
+    data: DataConfig = DataConfig()    # the training cases: verified expert traces of the train split only
+                                       # (configs/splits.yaml or data.splits; train/data.py select_traces)
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     update: UpdateConfig = UpdateConfig()
@@ -97,7 +99,8 @@ class RLConfig:
         def at(p: str) -> str:
             return str(p if Path(p).is_absolute() else base / p) if p else p
         return replace(self, out=at(self.out), model=at(self.model),
-                       data=replace(self.data, episodes=tuple(at(e) for e in self.data.episodes)))
+                       data=replace(self.data, episodes=tuple(at(e) for e in self.data.episodes),
+                                    splits=at(self.data.splits)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RLConfig:
@@ -107,7 +110,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RL
         raise TrainError(f"rl config {path}: no such file (see configs/rl-cpu.yaml)")
     cfg = load(RLConfig, path, overrides, "rl config", TrainError)
     cfg.check()
-    return cfg.absolute()
+    cfg = cfg.absolute()
+    from .release import model_dir
+    return replace(cfg, model=str(model_dir(cfg.model)))     # a release: its base + adapter, checked
 
 
 __all__ = ["ObjectiveConfig", "RLConfig", "RolloutConfig", "UpdateConfig", "load_config"]

@@ -17,13 +17,19 @@ engine's numbers against a forward pass of the same model.
 
 `EngineChatModel` wraps an engine as the benchmark's `ChatModel`, so the `solo`/`think`
 policies can run a local model through it and their records keep the ids and logprobs.
+
+`generate(..., stop=fn)`: `fn(i)` says whether prompt i is no longer wanted (its client
+went away, its time ran out). The transformers engine checks it before each micro-batch,
+after every generated token (that row stops, `finish_reason` "cancelled") and before each
+decoder layer's forward (when every row of a micro-batch is stopped, its prefill or step
+is abandoned there). vLLM's offline engine cannot abort: it checks only before it starts.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from .errors import EngineUnavailable, TrainError
 from .format import prompt_ids as _prompt_ids
@@ -46,7 +52,7 @@ class Completion:
     completion_ids: list[int]          # ends with the end-of-turn token when finish_reason is "stop"
     logprobs: list[float]              # one per completion id
     text: str                          # decoded without special tokens
-    finish_reason: str                 # "stop" | "length"
+    finish_reason: str                 # "stop" | "length" | "cancelled" (generate's `stop`)
     latency_s: float = 0.0             # of the whole batch it came in
     extra: dict = field(default_factory=dict)
 
@@ -57,7 +63,40 @@ class RolloutEngine(Protocol):
     tokenizer: Any
 
     def generate(self, prompts: Sequence[Sequence[dict] | Sequence[int]],
-                 params: SamplingParams = SamplingParams()) -> list[list[Completion]]: ...
+                 params: SamplingParams = SamplingParams(),
+                 stop: Callable[[int], bool] | None = None) -> list[list[Completion]]: ...
+
+
+def _cancelled(prompt: Sequence[int]) -> Completion:
+    return Completion(prompt_ids=list(prompt), completion_ids=[], logprobs=[], text="", finish_reason="cancelled")
+
+
+class _Abandoned(Exception):
+    """Raised inside the model's forward when every row of a micro-batch is stopped."""
+
+
+def _stop_hooks(model: Any, rows: int, stop: Callable[[int], bool], stopped: dict):
+    """A stopping criterion (per row: the rows `stop` names end, their step recorded in
+    `stopped`) and forward pre-hooks on the decoder layers that abandon the pass when
+    all rows are stopped (prefill included). Returns (criteria, hook handles)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for r in range(input_ids.shape[0]):
+                if r in stopped or stop(r):
+                    stopped.setdefault(r, int(input_ids.shape[1]))
+                    flags[r] = True
+            return flags
+
+    def pre_hook(module, args):
+        if all(r in stopped or stop(r) for r in range(rows)):
+            raise _Abandoned()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    handles = [m.register_forward_pre_hook(pre_hook) for m in layers]
+    return StoppingCriteriaList([_Stop()]), handles
 
 
 def _as_ids(tokenizer: Any, prompt: Sequence[dict] | Sequence[int]) -> list[int]:
@@ -113,7 +152,8 @@ class TransformersEngine:
                              f"unexpected {sorted(unexpected)[:5]}")
         self.model.eval()
 
-    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(self, prompts, params: SamplingParams = SamplingParams(),
+                 stop: Callable[[int], bool] | None = None) -> list[list[Completion]]:
         _check_params(params)
         ids = [_as_ids(self.tokenizer, p) for p in prompts]
         flat = [(i, p) for i, p in enumerate(ids) for _ in range(params.n)]
@@ -126,13 +166,21 @@ class TransformersEngine:
         done: dict[int, Completion] = {}
         for b in range(0, len(order), self.batch_size):
             chunk = order[b:b + self.batch_size]
-            for k, c in zip(chunk, self._generate_batch([flat[k][1] for k in chunk], params)):
+            if stop is not None:
+                for k in [k for k in chunk if stop(flat[k][0])]:
+                    done[k] = _cancelled(flat[k][1])
+                chunk = [k for k in chunk if k not in done]
+                if not chunk:
+                    continue
+            row_stop = (lambda r, c=chunk: stop(flat[c[r]][0])) if stop is not None else None
+            for k, c in zip(chunk, self._generate_batch([flat[k][1] for k in chunk], params, row_stop)):
                 done[k] = c
         for k, (i, _) in enumerate(flat):
             out[i].append(done[k])
         return out
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams,
+                        stop: Callable[[int], bool] | None = None) -> list[Completion]:
         import torch
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -153,12 +201,22 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        stopped: dict[int, int] = {}          # row -> sequence length when it was stopped
+        handles: list = []
+        if stop is not None:
+            kwargs["stopping_criteria"], handles = _stop_hooks(self.model, len(batch), stop, stopped)
         t0 = time.monotonic()
-        with torch.no_grad():
-            if len(batch) > 1 and len(batch[0]) > 1 and all(p == batch[0] for p in batch):
-                kwargs["cache"] = self._shared_prefix(batch[0], len(batch))
-            res = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                      **kwargs)
+        try:
+            with torch.no_grad():
+                if len(batch) > 1 and len(batch[0]) > 1 and all(p == batch[0] for p in batch):
+                    kwargs["cache"] = self._shared_prefix(batch[0], len(batch))
+                res = self.model.generate(input_ids=input_ids.to(self.device),
+                                          attention_mask=attention.to(self.device), **kwargs)
+        except _Abandoned:
+            return [_cancelled(p) for p in batch]
+        finally:
+            for h in handles:
+                h.remove()
         latency = time.monotonic() - t0
         seqs = res.sequences[:, width:].cpu()
         # Raw logits per step -> log-probabilities of the chosen tokens, step by step, so a
@@ -171,8 +229,11 @@ class TransformersEngine:
         for r, p in enumerate(batch):
             comp = seqs[r].tolist()
             end = next((i for i, t in enumerate(comp) if t in eos_ids), None)
-            if end is not None:
+            cut = stopped[r] - width if r in stopped else None
+            if end is not None and (cut is None or end < cut):
                 comp, finish = comp[:end + 1], "stop"
+            elif cut is not None:
+                comp, finish = comp[:cut], "cancelled"
             else:
                 finish = "length"
             outs.append(Completion(prompt_ids=list(p), completion_ids=comp, logprobs=chosen[r, :len(comp)].tolist(),
@@ -224,9 +285,12 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
 
-    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(self, prompts, params: SamplingParams = SamplingParams(),
+                 stop: Callable[[int], bool] | None = None) -> list[list[Completion]]:
         _check_params(params)
         ids = [_as_ids(self.tokenizer, p) for p in prompts]
+        if stop is not None and all(stop(i) for i in range(len(ids))):
+            return [[_cancelled(p)] * params.n for p in ids]      # the offline engine cannot abort later
         sp = self._vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                        max_tokens=params.max_tokens, seed=params.seed, logprobs=0)
         t0 = time.monotonic()

@@ -207,7 +207,7 @@ def run_sft(config: SFTConfig, *, on_event: Callable[[str, Any], None] | None = 
     if evaluate if evaluate is not None else config.eval.enabled:
         from .evaluate import run_eval
         t2 = time.monotonic()
-        summary["eval"] = run_eval(model_dir, config.eval, config.data.holdout, out / "eval", on_event=emit)
+        summary["eval"] = run_eval(model_dir, config.eval, config.data.splits or None, out / "eval", on_event=emit)
         summary["eval_s"] = round(time.monotonic() - t2, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -298,6 +298,8 @@ def fit(config: SFTConfig, base: Path, out: Path, emit) -> dict:
         else:
             # A fresh local Ray, never one another process started on this machine.
             kw.update(address="local", num_cpus=max(t.workers * (0 if gpu else t.threads_per_worker), 1) + 1)
+        from e2e_reme.ray_auth import private_token
+        private_token(create=not t.ray_address)      # a local head's token, 0600 before Ray writes one
         ray.init(**kw)
     try:
         # Resuming: Ray Train restores the run's last reported checkpoint itself (same storage
@@ -391,7 +393,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def export_model(checkpoint: Path, dest: Path, config: SFTConfig, data: SFTData, token_stats: dict) -> Path:
-    """The checkpoint's model as a plain model directory (no optimizer state)."""
+    """The checkpoint's model as a plain model directory (no optimizer state), with what trained
+    it (e2e_reme_trained.json: the commit and the splits too, which a release's manifest keeps)."""
+    from .release import provenance
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -402,7 +406,8 @@ def export_model(checkpoint: Path, dest: Path, config: SFTConfig, data: SFTData,
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     (tmp / "e2e_reme_trained.json").write_text(json.dumps(
         {"stage": "sft", "step": state.get("step"), "base": config.model or "init", "run": str(Path(config.out)),
-         "data": data.stats(), "tokens": token_stats, "holdout": asdict(config.data.holdout)}, indent=2, default=str))
+         "data": data.stats(), "tokens": token_stats, "holdout": asdict(config.data.holdout),
+         **provenance(config.data.splits)}, indent=2, default=str))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -101,9 +101,11 @@ def rewrite_tokenizer(tok_json: dict, old_ids: list[int]) -> dict:
     return out
 
 
-def trim_vocab(src: Path, dest: Path, corpus: Iterable[str], keep: int = 16384) -> TrimResult:
+def trim_vocab(src: Path, dest: Path, corpus: Iterable[str], keep: int = 16384,
+               old_ids: list[int] | None = None) -> TrimResult:
     """Write `src` with a trimmed vocabulary to `dest` and check that every corpus text
-    tokenises to the same tokens as before."""
+    tokenises to the same tokens as before. `old_ids`: keep exactly these (a release's
+    recorded vocabulary, train/release.py) instead of choosing them from `keep` and the corpus."""
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +115,8 @@ def trim_vocab(src: Path, dest: Path, corpus: Iterable[str], keep: int = 16384) 
     old_tok = Tokenizer.from_str(json.dumps(tok_json))
     texts = [t for t in corpus if t]
     old_enc = [old_tok.encode(t, add_special_tokens=False).ids for t in texts]
-    old_ids = kept_tokens(tok_json, {i for ids in old_enc for i in ids}, keep)
+    old_ids = sorted(old_ids) if old_ids is not None else kept_tokens(tok_json, {i for ids in old_enc for i in ids},
+                                                                      keep)
     new_json = rewrite_tokenizer(tok_json, old_ids)
     new_tok = Tokenizer.from_str(json.dumps(new_json))
     new_of = {o: n for n, o in enumerate(old_ids)}

@@ -19,7 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 def _register() -> None:
     from . import bench, doctor, fault, fleet, image, sandbox, system, verify
-    from . import model, train
+    from . import model, release, train
     from . import lab, serve
     app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
@@ -31,6 +31,7 @@ def _register() -> None:
     app.add_typer(fleet.app, name="fleet", help="Ray fleet: collect verified experience on every sandbox host.")
     app.add_typer(model.app, name="model", help="Policy models: init a tiny one, inspect, generate.")
     app.add_typer(train.app, name="train", help="Expert traces, SFT on Ray Train, evaluation by execution.")
+    app.add_typer(release.app, name="release", help="Model releases: pack a trained adapter, check, record evaluations.")
     app.add_typer(lab.app, name="lab", help="The bare-metal lab: Terraform provisions hosts into one Ray cluster.")
     app.command("serve", help="Serve the model on Ray Serve: /v1/remediate and an OpenAI-compatible API.")(serve.serve)
 

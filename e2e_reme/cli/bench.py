@@ -30,7 +30,8 @@ def _config(config_file: Path | None, cli: dict, episode: dict, policy_options: 
 def bench(system: str = typer.Option(None, "--system", help="System to deploy (remed system ls). [simple-micro]"),
           suite: str = typer.Option(None, "--suite", help="easy | medium | hard | a per-fault suite | FILE. [easy]"),
           policy: str = typer.Option(None, "--policy", help="runbook | solo | think. [runbook]"),
-          model: str = typer.Option(None, "--model", help="Model name at --base-url, or a local model directory."),
+          model: str = typer.Option(None, "--model", help="Model name at --base-url, a local model directory, or "
+                                                         "a release (releases/<name>)."),
           base_url: str = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1."),
           api_key_env: str = typer.Option(None, "--api-key-env",
                                           help="Environment variable holding the API key (default OPENAI_API_KEY)."),
@@ -56,6 +57,9 @@ def bench(system: str = typer.Option(None, "--system", help="System to deploy (r
         raise ValueError(f"--report-noise {report_noise}: use a fraction between 0 and 1")
     if api_key_env and not os.environ.get(api_key_env):
         raise ValueError(f"--api-key-env {api_key_env}: that environment variable is empty")
+    from e2e_reme.train.release import is_release, model_dir
+    if not base_url and is_release(model):
+        model = str(model_dir(model))       # a release: its base + adapter, checked, as a model directory
     cfg = _config(config_file,
                   {"system": system, "suite": suite, "policy": policy, "backend": backend, "parallel": parallel,
                    "seed": seed, "out": str(out) if out else None, "limit": limit},

@@ -78,7 +78,7 @@ def inject(fault: str = typer.Argument(..., help="Fault type (see `remed fault l
     from e2e_reme.simulators.faults import get_fault, injected_faults, make_fault
 
     get_fault(fault)   # an unknown name fails before anything is touched
-    sb = attach(sandbox)
+    sb = attach(sandbox, lease="remed fault inject")
     dep = _deployment(sb)
     if target not in dep.targets:
         raise FaultError(f"sandbox {sandbox} runs {dep.system}, which has no service '{target}'; "
@@ -176,7 +176,7 @@ def recover(sandbox: str = typer.Option(..., "--sandbox", "-s", help="Sandbox na
     """Undo injected faults with the harness's own cleanup (not a remediation)."""
     from e2e_reme.simulators import attach
 
-    sb = attach(sandbox)
+    sb = attach(sandbox, lease="remed fault recover")
     faults = _select(sb, fault)
     if not faults:
         console.print(f"nothing to recover in {sandbox}")

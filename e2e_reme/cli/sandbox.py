@@ -39,7 +39,7 @@ def up(backend: str = typer.Option("nspawn", "--backend", "-b", help="nspawn or 
     with console.status(f"starting {nodes} {backend} node(s) and waiting for sshd …", spinner="dots"):
         sb = create_sandbox(backend, nodes, name=name, detached=True, memory_mib=memory, accel=accel)
     desc = sb.describe() | {"ready_seconds": round(time.monotonic() - t0, 2),
-                            "ssh_key": str(sb.image.ssh_key)}
+                            "ssh_key": str(sb.ssh_key)}
     if spec is not None and deploy:
         from e2e_reme.simulators.errors import DeployError
         from .system import deploy_with_progress
@@ -74,7 +74,7 @@ def exec_(name: str = typer.Argument(..., help="Sandbox name."),
           node: int = typer.Option(0, "--node", "-i", help="Node index."),
           timeout: float = typer.Option(60, "--timeout", help="Seconds before the command is killed.")) -> None:
     """Run a command on a node over SSH; exits with its exit code."""
-    sb = attach(name)
+    sb = attach(name)        # an operator's shell: no lease, so a running benchmark can be looked into
     if not 0 <= node < len(sb.nodes):
         raise ValueError(f"sandbox {name} has nodes 0..{len(sb.nodes) - 1}, not {node}")
     res = sb.exec(cmd if len(cmd) > 1 else cmd[0], node=node, timeout=timeout)
@@ -89,7 +89,7 @@ def exec_(name: str = typer.Argument(..., help="Sandbox name."),
 @app.command()
 def reset(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Put every node back to the image's state (changes are discarded)."""
-    sb = attach(name)
+    sb = attach(name, lease="remed sandbox reset")
     t0 = time.monotonic()
     with console.status(f"resetting {name} …"):
         sb.reset()

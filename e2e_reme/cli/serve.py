@@ -18,6 +18,9 @@ def serve(model: Optional[str] = typer.Option(None, "--model", "-m",
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="Serve config YAML (configs/serve.yaml)."),
           host: Optional[str] = typer.Option(None, "--host", help="Address to listen on. [127.0.0.1]"),
           port: Optional[int] = typer.Option(None, "--port", help="HTTP port. [8000]"),
+          allowed_host: Optional[List[str]] = typer.Option(
+              None, "--allowed-host", help="Host header a client may send (NAME or NAME:PORT; repeat). "
+                                           "[the address listened on]"),
           engine: Optional[str] = typer.Option(None, "--engine", help="auto | transformers | vllm. [auto]"),
           replicas: Optional[int] = typer.Option(None, "--replicas", help="Replicas (without autoscaling). [1]"),
           max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size",
@@ -26,7 +29,7 @@ def serve(model: Optional[str] = typer.Option(None, "--model", "-m",
                                                     help="File holding the execute-mode bearer token "
                                                          "(else $REMED_SERVE_TOKEN; neither: execute disabled)."),
           sandbox: Optional[List[str]] = typer.Option(None, "--sandbox",
-                                                      help="Sandbox names (fnmatch patterns) execute may use. [*]"),
+                                                      help="Sandbox names (fnmatch patterns) execute may use. [none]"),
           address: Optional[str] = typer.Option(None, "--address",
                                                 help="A Ray cluster to join (e.g. auto); default: a local Ray."),
           metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
@@ -37,6 +40,7 @@ def serve(model: Optional[str] = typer.Option(None, "--model", "-m",
 
     d = read_config(config)               # relative paths: from where the command runs, as elsewhere
     flags = {"model": model, "host": host, "port": port, "engine": engine, "num_replicas": replicas,
+             "allowed_hosts": list(allowed_host) if allowed_host else None,
              "max_batch_size": max_batch_size, "token_file": str(token_file) if token_file else None,
              "sandboxes": list(sandbox) if sandbox else None, "metrics_port": metrics_port}
     d.update({k: v for k, v in flags.items() if v is not None})
@@ -50,7 +54,8 @@ def serve(model: Optional[str] = typer.Option(None, "--model", "-m",
             srv.start()
         console.print(f"serving [bold]{Path(srv.cfg.model).name}[/] at {srv.url}  "
                       f"(OpenAI base URL {srv.url}/v1; execute mode "
-                      + ("[green]enabled[/] for sandboxes " + ", ".join(cfg.sandboxes) if cfg.execute_enabled
+                      + ("[green]enabled[/] for sandboxes " + (", ".join(cfg.sandboxes) or "none (pass --sandbox PATTERN)")
+                         if cfg.execute_enabled
                          else "[yellow]disabled[/]: no token configured") + ")")
         console.print("Ctrl-C to stop")
         while True:

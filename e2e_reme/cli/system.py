@@ -57,7 +57,7 @@ def deploy(system: str = typer.Argument(..., help="System name (see `remed syste
     from e2e_reme.simulators import attach
     from e2e_reme.simulators.systems.spec import load_system
     spec = load_system(system)          # a bad name or spec is the first thing to report
-    sb = attach(sandbox)
+    sb = attach(sandbox, lease="remed system deploy")
     dep = deploy_with_progress(sb, spec, timeout, to_stderr=json_out)
     if json_out:
         print(json.dumps(dep.to_json(), indent=1))

@@ -1,6 +1,6 @@
-"""`remed train collect|data|sft|eval|rl`: expert traces from real episodes, supervised
-fine-tuning on Ray Train, evaluation by execution on held-out incidents, and reinforcement
-fine-tuning from executed playbooks."""
+"""`remed train collect|data|splits|sft|eval|rl`: expert traces from real episodes (of the
+train split), supervised fine-tuning on Ray Train, evaluation by execution on the validation
+or test split, and reinforcement fine-tuning from executed playbooks."""
 
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def data(config_file: Path = typer.Option(..., "--config", help="SFT YAML."),
         console.print(f"  {k[3:]}: " + ", ".join(f"{a} {b}" for a, b in d[k].items()))
 
 
+@app.command("splits")
+def splits_(config_file: Path = typer.Option(None, "--config", help="An SFT/RL YAML whose data.splits names the "
+                                                                   "file [configs/splits.yaml]."),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """Train, validation and test: their systems, services and evaluation cases (configs/splits.yaml)."""
+    from e2e_reme.train.splits import describe, load_splits
+    path = ((read_config(config_file).get("data") or {}).get("splits") if config_file else None) or None
+    d = describe(load_splits(path))
+    if json_out:
+        print(json.dumps(d, indent=2))
+        return
+    console.print(f"{d['source']} (definition sha256 {d['definition'][:16]}...): {len(d['trained_faults'])} trained "
+                  f"fault types" + (f", excluded {d['excluded_faults']}" if d["excluded_faults"] else ""),
+                  highlight=False)
+    console.print(f"  train: {d['train']['services']} services of {', '.join(d['train']['systems'])}", highlight=False)
+    for name in ("validation", "test"):
+        s = d[name]
+        console.print(f"  {name}: {s['cases']} cases on {s['distinct_services']} services "
+                      f"({', '.join(s['services'])}); whole systems: {', '.join(s['systems']) or 'none'}",
+                      highlight=False)
+
+
 @app.command("sft")
 def sft(config_file: Path = typer.Option(..., "--config", help="SFT YAML, e.g. configs/sft-tiny.yaml."),
         out: str = typer.Option(None, "--out", help="Run directory (a rerun resumes it)."),
@@ -137,29 +159,44 @@ def rl(ctx: typer.Context,
 
 
 @app.command("eval")
-def eval_(model: Path = typer.Option(None, "--model", help="The model directory to judge."),
+def eval_(model: Path = typer.Option(None, "--model", help="The model directory or release (releases/<name>) "
+                                                          "to judge."),
           policy: str = typer.Option(None, "--policy",
                                      help="Judge a built-in policy instead: runbook (the reference)."),
-          config_file: Path = typer.Option(..., "--config", help="SFT YAML (its data.holdout and eval sections)."),
-          out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval | runs/eval-<policy>]"),
+          config_file: Path = typer.Option(..., "--config", help="SFT YAML (its data.splits and eval sections)."),
+          split: str = typer.Option(None, "--split", help="validation (every development decision) | test (once "
+                                                          "per release). [the config's eval.split: validation]"),
+          fault: list[str] = typer.Option(None, "--fault", help="Only this fault type (repeat for more)."),
+          out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval-<split> | "
+                                                      "runs/eval-<release or policy>-<split>]"),
           limit: int = typer.Option(None, "--limit", help="At most N cases per set."),
           json_out: bool = typer.Option(False, "--json")) -> None:
-    """Held-out execution success of a model (or the runbook): real episodes, per fault type and failure stage."""
+    """Execution success of a model, a release (or the runbook) on a split's cases: real episodes, per fault type
+    and failure stage."""
+    import shlex
+    import sys
+
     from e2e_reme.train.evaluate import run_eval
+    from e2e_reme.train.release import is_release
     if (model is None) == (policy is None):
         _fail("name one thing to judge: --model DIR, or --policy runbook")
     if policy not in (None, "runbook"):
         _fail(f"--policy {policy}: only the runbook is judged without a model (a model-backed policy takes --model)")
-    cfg = _sft_config(config_file, {}, {}, {"limit": limit})
+    if split not in (None, "validation", "test"):
+        _fail(f"--split {split}: use validation or test (the train split is never evaluated on)")
+    cfg = _sft_config(config_file, {}, {}, {"limit": limit, "split": split, "faults": fault or None})
     judged = None
     if policy:
         from e2e_reme.simulators.policies.base import make_policy
         judged = make_policy(policy)
-    out = out or (model.resolve().parent / "eval" if model else Path(f"runs/eval-{policy}"))
+    name = model.resolve().name if model is not None else policy
+    out = out or (model.resolve().parent / f"eval-{cfg.eval.split}" if model is not None and not is_release(model)
+                  else Path(f"runs/eval-{name}-{cfg.eval.split}"))
     with _progress() as prog:
         try:
-            results = run_eval(model, cfg.eval, cfg.data.holdout, out, policy=judged,
-                               on_event=None if json_out else _printer(prog))
+            results = run_eval(model, cfg.eval, cfg.data.splits or None, out, policy=judged,
+                               on_event=None if json_out else _printer(prog),
+                               command=shlex.join(["remed", *sys.argv[1:]]))
         except ValueError as e:       # TrainError included: a user mistake, one line
             _fail(str(e))
     if json_out:
@@ -228,7 +265,7 @@ def _printer(prog: Progress):
         elif kind == "trained":
             log(f"model exported to {payload['model']}")
         elif kind == "eval_cases":
-            log(f"evaluation: {payload['total']} held-out cases ({payload['todo']} to run, "
+            log(f"evaluation: {payload['total']} cases ({payload['todo']} to run, "
                 f"{payload['skipped']} skipped here)")
             tasks["eval"] = prog.add_task("held-out episodes", total=payload["total"],
                                           completed=payload["total"] - payload["todo"], last="")
@@ -269,7 +306,7 @@ def print_compare(results: dict) -> None:
 
 
 def print_eval(results: dict) -> None:
-    t = Table(title=f"held-out execution success ({results.get('suite')} suite)")
+    t = Table(title=f"execution success on the {results.get('split')} split")
     for c, j in (("set", "left"), ("fault", "left"), ("cases", "right"), ("success", "right"),
                  ("rate [95% CI]", "right"), ("failures stopped at", "left"), ("tokens/case", "right")):
         t.add_column(c, justify=j)

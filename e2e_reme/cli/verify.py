@@ -22,7 +22,7 @@ def verify(sandbox: str = typer.Option(..., "--sandbox", "-s", help="Sandbox nam
                                          help="Record the baseline now (the system must be healthy) and exit."),
            no_load: bool = typer.Option(False, "--no-load", help="Skip the SLO load window.")) -> None:
     """Check every condition of a successful remediation, with its evidence."""
-    sb = attach(sandbox)
+    sb = attach(sandbox, lease="remed verify")
     dep = load_deployment(sb)
     if baseline:
         b = record_baseline(sb, dep)

@@ -315,9 +315,12 @@ class DiskFull(_FullDisk):
         from e2e_reme.simulators.sandbox import hostview
         if not hostview.supported(sb):
             return
-        root = hostview.node_root(sb, self.node)
-        fid = hostview.file_id(root, self.params["_path"]) if root else None
-        usage = hostview.fs_usage(root, self.target.data_dir) if root else None
+        tree = hostview.node_tree(sb, self.node)
+        if tree is None:
+            return
+        with tree:
+            fid = hostview.file_id(tree, self.params["_path"])
+            usage = hostview.fs_usage(tree, self.target.data_dir)
         if fid:
             self.params["_stray"] = fid
         if usage:
@@ -337,17 +340,18 @@ class DiskFull(_FullDisk):
         stray = self.params.get("_stray")
         if not stray or not hostview.supported(sb):
             return {}
-        root = hostview.node_root(sb, self.node)
-        if root is None:
+        tree = hostview.node_tree(sb, self.node)
+        if tree is None:
             return {"unreadable": "the node has no init process"}
-        where = hostview.find_inode(root, self.target.data_dir, stray["ino"], stray["dev"])
+        with tree:
+            where = hostview.find_inode(tree, self.target.data_dir, stray["ino"], stray["dev"])
+            fid = (hostview.file_id(tree, where) or {}) if where else {}
+            usage = hostview.fs_usage(tree, self.target.data_dir)
         if where is None:
             return {}
-        fid = hostview.file_id(root, where) or {}
         if fid.get("size", 0) < stray["size"] // 2:
             return {}   # emptied: the space is back, the file is harmless
         out = {"stray_file": where, "size": fid.get("size"), "recorded_as": self.params.get("_path")}
-        usage = hostview.fs_usage(root, self.target.data_dir)
         if usage and self.params.get("_fs_size") and usage["size"] > self.params["_fs_size"]:
             out["mask"] = (f"the filesystem was enlarged from {self.params['_fs_size']} to {usage['size']} "
                            "bytes around the stray file")

@@ -32,8 +32,9 @@ against the policy. Nothing here raises for a bad answer.
 
 The gate comes before anything touches Ansible, because the syntax check already loads
 the playbook on the controller. The files: `workdir/playbook.yaml` (the extracted text,
-as the model wrote it, so error line numbers match), `workdir/ansible/` (ansible-runner's
-private data dir: artifacts, events), `workdir/events.jsonl` (and `events.rerun.jsonl`)
+as the model wrote it, so error line numbers match), `workdir/ansible/` (the syntax
+check's output, each run's status, rc and stdout: what the host read back from the jail,
+bounded, never a copy of its tree), `workdir/events.jsonl` (and `events.rerun.jsonl`)
 once it executed. Idempotence is a quality signal only: a fix that works but is not safe
 to run twice still fixed the incident (`out.executed_ok` says so).
 """
@@ -132,36 +133,34 @@ class ExecutionOutcome:
 
 # ---- extract and parse ----------------------------------------------------------------------------
 
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w.+-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.S | re.M)
+_TAG = re.compile(r"<(/?)think>", re.I)
+_FENCE_OPEN = re.compile(r"[ \t]*(`{3,}|~{3,})[ \t]*([\w.+-]*)")
 _YAML_TAGS = ("yaml", "yml", "ansible", "yaml+jinja")
+PROBE_CHARS = 40_000            # YAML parsed while looking for the playbook, at most: 0.35 s here
+                                # on the slowest shape found ('- - - ...' lines); playbooks are ~1-5 kB
 
 
 def extract_yaml(text: str) -> str | None:
-    """The playbook's YAML in a model's answer, or None where there is none."""
+    """The playbook's YAML in a model's answer, or None where there is none. One pass over
+    the text for the <think> tags and one for the fences, no backtracking over the whole
+    text, and at most PROBE_CHARS of YAML parsed: linear time on any answer."""
     if not isinstance(text, str) or not text.strip():
         return None
-    t = _THINK.sub("", text)
-    low = t.lower()
-    if "</think>" in low:          # the opening tag was in the prompt
-        t = t[low.rindex("</think>") + len("</think>"):]
-    elif "<think>" in low:         # ran out of tokens while thinking: nothing after it counts
-        t = t[:low.index("<think>")]
+    t = _drop_thinking(text)
     tagged, candidates = [], []
-    for n, m in enumerate(_FENCE.finditer(t)):
-        if n >= MAX_FENCES:
-            break
-        lang = m.group(2).lower()
+    for lang, body in _fences(t):
+        lang = lang.lower()
         if lang in _YAML_TAGS or lang == "":
-            body = textwrap.dedent(m.group(3)).strip("\n")
+            body = textwrap.dedent(body).strip("\n")
             candidates.append(body)
             if lang:
                 tagged.append(body)
+    budget = [PROBE_CHARS]
     for body in candidates:
-        if _is_playbook(body):
+        if _is_playbook(body, budget):
             return body + "\n"
     whole = t.strip()
-    if whole and _is_playbook(whole):
+    if whole and _is_playbook(whole, budget):
         return whole + "\n"
     # A yaml block that does not parse is still the answer: parse says what is wrong with it.
     if tagged:
@@ -171,7 +170,66 @@ def extract_yaml(text: str) -> str | None:
     return None
 
 
-def _is_playbook(s: str) -> bool:
+def _drop_thinking(text: str) -> str:
+    """Every <think>...</think> (any case, the first closing tag ends it) removed; then what
+    follows the last stray </think> (the opening tag was in the prompt), or else what
+    precedes an unclosed <think> (the model ran out of tokens while thinking)."""
+    kept, start, open_at = [], 0, None
+    for m in _TAG.finditer(text):
+        if open_at is None and not m.group(1):
+            open_at = m.start()
+        elif open_at is not None and m.group(1):
+            kept.append(text[start:open_at])
+            start, open_at = m.end(), None
+    kept.append(text[start:])
+    t = "".join(kept)
+    last_close = first_open = None
+    for m in _TAG.finditer(t):
+        if m.group(1):
+            last_close = m.end()
+        elif first_open is None:
+            first_open = m.start()
+    if last_close is not None:
+        return t[last_close:]
+    return t[:first_open] if first_open is not None else t
+
+
+def _fences(t: str):
+    """(info word, body) of the first MAX_FENCES fenced blocks, line by line: a fence opens
+    on a line of 3+ backticks or tildes (then the info word) that ends with a newline, and
+    closes on a line of exactly the same fence (spaces, tabs, a CR around it), else at the
+    end of the text."""
+    pos, n, size = 0, 0, len(t)
+    while pos < size and n < MAX_FENCES:
+        eol = t.find("\n", pos)
+        if eol < 0:
+            return
+        m = _FENCE_OPEN.match(t, pos, eol)
+        pos = eol + 1
+        if m is None:
+            continue
+        n += 1
+        fence, body_start = m.group(1), pos
+        while pos < size:
+            eol = t.find("\n", pos)
+            end = size if eol < 0 else eol
+            if t[pos:end].lstrip(" \t").rstrip(" \t\r") == fence:
+                yield m.group(2), t[body_start:pos]
+                pos = end + 1
+                break
+            pos = end + 1
+        else:
+            yield m.group(2), t[body_start:]
+            return
+
+
+def _is_playbook(s: str, budget: list[int]) -> bool:
+    """Whether `s` parses as a list of plays; past the budget, whether it starts like one
+    (parse_playbook still parses it in full, with its own size limit)."""
+    if len(s) > budget[0]:
+        head = next((l for l in s.split("\n", 64)[:64] if l.strip() and not l.lstrip().startswith("#")), "")
+        return head.startswith(("---", "- ")) or head.rstrip() == "-"
+    budget[0] -= len(s)
     try:
         data = yaml.safe_load(s)
     except Exception:
@@ -329,6 +387,8 @@ def _judge_jail_run(out: ExecutionOutcome, jail: JailRun, workdir: Path, timeout
         out.stage, out.ok, out.error_class, out.reason = stage, False, error_class, _one_line(reason, 600)
         return out
 
+    if jail.syntax_rc is None and jail.output_limit and not jail.killed:
+        return stop("syntax", "SyntaxCheckFailed", f"the syntax check left no result: {jail.output_limit}")
     if jail.syntax_rc is None:
         return stop("syntax", "Timeout" if jail.killed else "InternalError",
                     "the syntax check did not finish" + (" in time" if jail.killed else ""))
@@ -342,7 +402,7 @@ def _judge_jail_run(out: ExecutionOutcome, jail: JailRun, workdir: Path, timeout
         return out
     out.run = jail.run
     _write_events(workdir / "events.jsonl", out.run)
-    error_class, reason = _classify(out.run, timeout_s)
+    error_class, reason = _classify(out.run, timeout_s, jail.output_limit)
     if error_class:
         return stop("execute", error_class, reason)
     if jail.rerun is not None or "rerun" in jail.marks:
@@ -350,7 +410,7 @@ def _judge_jail_run(out: ExecutionOutcome, jail: JailRun, workdir: Path, timeout
         if out.rerun is None:
             return stop("idempotence", "InternalError", "the second run left no result")
         _write_events(workdir / "events.rerun.jsonl", out.rerun)
-        error_class, reason = _classify(out.rerun, timeout_s)
+        error_class, reason = _classify(out.rerun, timeout_s, jail.output_limit)
         if error_class == "InternalError":
             return stop("idempotence", error_class, reason)
         if error_class:
@@ -383,9 +443,11 @@ def _first_error(output: str) -> str:
     return rest[-1] if rest else ""
 
 
-def _classify(run: PlaybookRun, timeout_s: float) -> tuple[str | None, str]:
+def _classify(run: PlaybookRun, timeout_s: float, output_limit: str = "") -> tuple[str | None, str]:
     if run.ok:
         return None, ""
+    if run.status == "output_limit":   # what it left in the jail's scratch space: its outcome, not ours
+        return "ExecutionFailed", f"the playbook's outputs in the jail passed the host's limits: {output_limit}"
     if run.error:
         return "InternalError", run.error.splitlines()[0] if run.error else "ansible-runner failed"
     if run.status == "timeout":

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from e2e_reme.host import proc_start_time
+from e2e_reme.simulators.sandbox.nodefs import NodeTree
 
 Snapshot = frozenset  # of (node index, pid, start time)
 
@@ -38,16 +39,23 @@ class Leftover:
 
 
 def snapshot(sb) -> Snapshot:
-    """Every process of every node now, as (node, pid, start time)."""
+    """Every process of every node now, as (node, pid, start time), with each node's unit
+    and job files (persistence.with_files: what the run adds there is ended too)."""
+    from e2e_reme.simulators.verification.persistence import with_files
     if sb.backend == "nspawn":
-        return frozenset((i, pid, start) for i in range(len(sb.nodes)) for pid, start, _ in _nspawn_procs(sb, i))
-    return frozenset((i, pid, start) for i in range(len(sb.nodes)) for pid, start in _guest_procs(sb, i))
+        procs = frozenset((i, pid, start) for i in range(len(sb.nodes)) for pid, start, _ in _nspawn_procs(sb, i))
+    else:
+        procs = frozenset((i, pid, start) for i in range(len(sb.nodes)) for pid, start in _guest_procs(sb, i))
+    return with_files(sb, procs)
 
 
 def end_leftovers(sb, before: Snapshot) -> list[Leftover]:
     """Kill (SIGKILL) every process started since `before` in an SSH session or a
-    transient unit; return what was ended."""
-    ended: list[Leftover] = []
+    transient unit; return what was ended. First, what the run left for later (new units
+    and timers, processes written into a unit's cgroup, cron and at jobs) is ended and
+    recorded for the verdict (simulators/verification/persistence.py)."""
+    from e2e_reme.simulators.verification.persistence import sweep
+    ended: list = list(sweep(sb, before))
     for i, node in enumerate(sb.nodes):
         if sb.backend == "nspawn":
             ended += _end_nspawn(sb, i, node.name, before)
@@ -69,8 +77,9 @@ def _end_nspawn(sb, index: int, node: str, before: Snapshot, passes: int = 20) -
             break
         for pid, start, cg in fresh:
             killed.add((pid, start))
+            cmdline = _cmdline(pid)           # before the kill: a killed process's cmdline reads empty
             if _kill_host_pid(pid, start):
-                ended.append(Leftover(node, pid, cg.rsplit("/", 1)[-1], _cmdline(pid)))
+                ended.append(Leftover(node, pid, cg.rsplit("/", 1)[-1], cmdline))
     # SIGKILL is delivered, not yet done: wait (briefly) until they have left the node, so
     # that what is judged next no longer sees them.
     deadline = time.monotonic() + 5.0
@@ -112,8 +121,15 @@ def _session_or_transient(pid: int, cgroup: str) -> bool:
     if unit == "ssh.service" or unit.startswith(("session-", "run-")):
         return True
     # Any other transient unit (systemd-run --unit=NAME): its definition lives in the
-    # node's /run, which the host reads through the process's own root.
-    return Path(f"/proc/{pid}/root/run/systemd/transient/{unit}").exists()
+    # node's /run, read through the process's own root without leaving it (a plain path
+    # lookup there would follow the node's links into the host's tree).
+    if "/" in unit or unit in ("", ".", ".."):
+        return False
+    try:
+        with NodeTree.of_process(pid) as tree:
+            return tree.lstat(f"/run/systemd/transient/{unit}") is not None
+    except OSError:
+        return False
 
 
 def _kill_host_pid(pid: int, start: int) -> bool:

@@ -266,8 +266,10 @@ def plain_messages(messages: Sequence[dict]) -> list[dict]:
 def render_chat(tokenizer: Any, messages: Sequence[dict]) -> str:
     """The prompt text a local model sees for `messages`, ending where the assistant's answer
     begins: the tokenizer's chat template, or a plain transcript for a base model without one
-    (training tokenises prompts with this same function, so both see the same ids)."""
-    msgs = plain_messages(messages)
+    (training tokenises prompts with this same function, so both see the same ids).
+    Control-token strings inside a message's text stay text (prompt.literal_messages)."""
+    from e2e_reme.simulators.policies.prompt import literal_messages
+    msgs = literal_messages(tokenizer, plain_messages(messages))
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant: "

@@ -17,12 +17,24 @@ braces are fine).
 
 `report` is a `DiagnosisReport`, a dict of its fields (as training reads them from JSONL),
 or text already rendered.
+
+Report text is data. A report may come from anyone (a served request, a recorded episode,
+a node's own output), so before it is rendered every string in it, keys included, is made
+unable to change the prompt's structure (`field_text`): line breaks and other control
+characters become spaces (no field can start a line, so none can start a turn of the
+plain transcript `role: text` or a markdown block), runs of three or more backticks or
+tildes (code fences) become quotes or dashes, and a field is cut at `MAX_FIELD_CHARS`.
+A report without such content renders exactly as before. At the token level,
+`literal_messages` keeps every control-token string of a tokenizer (`<start_of_turn>`,
+`<|im_end|>`, ...) inside a message's text from being read as the control token: it is
+broken by a space after its first character, so it is tokenised as ordinary text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
@@ -32,6 +44,72 @@ from e2e_reme.simulators.policies.base import TrialFeedback
 
 TEMPLATES = ("system", "solo", "think_system", "feedback")
 MODES = ("solo", "think")
+MAX_FIELD_CHARS = 1000          # any one string of a report, as the model reads it (recorded ones: < 600)
+_BREAKS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]+")     # line breaks, controls; a tab stays
+_FENCES = re.compile(r"`{3,}|~{3,}")
+
+
+def field_text(s: str) -> str:
+    """One string of a report as it may appear in a prompt: on one line, without code
+    fences, at most MAX_FIELD_CHARS long. Ordinary text is returned unchanged."""
+    s = _BREAKS.sub(" ", s)
+    s = _FENCES.sub(lambda m: ("'" if m.group()[0] == "`" else "-") * len(m.group()), s)
+    return s if len(s) <= MAX_FIELD_CHARS else s[:MAX_FIELD_CHARS - 3] + "..."
+
+
+def safe_fields(obj: Any) -> Any:
+    """`obj` (a report's fields) with `field_text` applied to every string, keys included."""
+    if isinstance(obj, str):
+        return field_text(obj)
+    if isinstance(obj, Mapping):
+        return {safe_fields(k) if isinstance(k, str) else k: safe_fields(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(safe_fields(v) for v in obj)
+    return obj
+
+
+def control_tokens(tokenizer: Any) -> tuple[tuple[str, ...], frozenset]:
+    """The tokenizer's control-token strings (special added tokens) and their ids, cached
+    on the tokenizer."""
+    cached = getattr(tokenizer, "_remedcontrol_tokens", None)
+    if cached is None:
+        dec = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        pairs = {(i, t.content) for i, t in dec.items() if getattr(t, "special", False) and t.content}
+        for t, i in zip(getattr(tokenizer, "all_special_tokens", None) or (),
+                        getattr(tokenizer, "all_special_ids", None) or ()):
+            if t:
+                pairs.add((i, t))
+        cached = (tuple(sorted({c for _, c in pairs}, key=len, reverse=True)), frozenset(i for i, _ in pairs))
+        try:
+            tokenizer._remedcontrol_tokens = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def literal_text(tokenizer: Any, text: str) -> str:
+    """`text` in which no control-token string of `tokenizer` is left whole: each is
+    broken by a space after its first character (`<start_of_turn>` -> `< start_of_turn>`),
+    so that tokenising it gives ordinary text tokens. Text without one is unchanged."""
+    strings, ids = control_tokens(tokenizer)
+    firsts = {s[0] for s in strings}
+    for _ in range(8):
+        if not any(c in text for c in firsts):
+            return text
+        found = {tokenizer.convert_ids_to_tokens(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]
+                 if i in ids}
+        if not found:
+            return text
+        for s in sorted(found, key=len, reverse=True):
+            text = text.replace(s, s[:1] + " " + s[1:])
+    raise ValueError("a message keeps producing control tokens after they were broken up; it cannot be "
+                     "shown to the model as text")
+
+
+def literal_messages(tokenizer: Any, messages: Sequence[dict]) -> list[dict]:
+    """`messages` with every text content made `literal_text` for `tokenizer`."""
+    return [{**m, "content": literal_text(tokenizer, m["content"])} if isinstance(m.get("content"), str) else m
+            for m in messages]
 
 
 @lru_cache(maxsize=None)
@@ -57,9 +135,10 @@ def report_text(report: DiagnosisReport | Mapping[str, Any] | str) -> str:
     if isinstance(report, str):
         return report
     if isinstance(report, DiagnosisReport):
-        return report.to_text()
+        return DiagnosisReport(**safe_fields({f.name: getattr(report, f.name)
+                                              for f in dataclasses.fields(DiagnosisReport)})).to_text()
     if isinstance(report, Mapping):
-        return _report_from_dict(report).to_text()
+        return _report_from_dict(safe_fields(report)).to_text()
     raise TypeError(f"a report is a DiagnosisReport, a dict of its fields or text, not {type(report).__name__}")
 
 

@@ -58,7 +58,7 @@ class HostStats:
 
 @dataclass(frozen=True)
 class PlaybookRun:
-    status: str                       # one of STATUSES
+    status: str                       # one of STATUSES, or (the jail, controller.py) "output_limit"
     rc: int | None
     duration_s: float
     stdout: str

@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -114,6 +114,7 @@ def get_backend(name: str) -> type["Sandbox"]:
 class Sandbox(ABC):
     backend: ClassVar[str] = ""
     default_ready_timeout_s: ClassVar[float] = 60.0
+    lease = None                     # the sandbox's lease where this handle holds it (attach(..., lease=...))
 
     def __init__(self, record: SandboxRecord, image: Image, config: SandboxConfig):
         self.record = record
@@ -122,7 +123,7 @@ class Sandbox(ABC):
         self._clients: dict[int, paramiko.SSHClient] = {}
         self._ssh_locks: dict[int, threading.Lock] = {}   # one per node: handshakes run side by side
         self._locks_lock = threading.Lock()
-        self._pkey = paramiko.Ed25519Key.from_private_key_file(str(image.ssh_key))
+        self._keys: dict[Path, paramiko.PKey] = {}      # loaded private keys, by path
 
     # ---- backend hooks -------------------------------------------------------------
     @classmethod
@@ -166,6 +167,38 @@ class Sandbox(ABC):
     def node_memory_mib(self, index: int) -> float:
         """Memory the node uses on the host right now."""
         return float("nan")
+
+    @classmethod
+    def tree_group(cls) -> int | None:
+        """A group besides root that must reach the sandbox's directory (libvirt: the one
+        QEMU runs in, to open the node's disk there); None: root alone."""
+        return None
+
+    # ---- the sandbox's own SSH key -------------------------------------------------------
+    @property
+    def ssh_key(self) -> Path:
+        """The sandbox's own private key (made with it: `<record dir>/id_ed25519`, 0600):
+        the only key its nodes accept once they are up, and the one its jail gets. A
+        sandbox made before keys were per sandbox has none and uses the image's."""
+        key = self.record.extra.get("ssh_key")
+        return self.record.dir / key if key else self.image.ssh_key
+
+    def ssh_public_key(self) -> str | None:
+        """The line nodes authorise (`authorized_keys`); None for a sandbox without its own key."""
+        if not self.record.extra.get("ssh_key"):
+            return None
+        return Path(f"{self.ssh_key}.pub").read_text().strip() + "\n"
+
+    def _login_key(self, node: int) -> Path:
+        """The key the host logs in to a node with now (libvirt: the image's until the
+        sandbox's own is in place)."""
+        return self.ssh_key
+
+    def _pkey(self, node: int) -> paramiko.PKey:
+        path = self._login_key(node)
+        if path not in self._keys:
+            self._keys[path] = paramiko.Ed25519Key.from_private_key_file(str(path))
+        return self._keys[path]
 
     # ---- lifecycle -----------------------------------------------------------------
     @property
@@ -263,6 +296,8 @@ class Sandbox(ABC):
             state.forget(self.record.name)
             from e2e_reme.host import safe_rmtree
             safe_rmtree(self.record.dir)
+            from e2e_reme.simulators.sandbox import lease
+            lease.discard(self.record.name)     # its lease file, unless a user still holds it (then it goes on release)
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -340,7 +375,7 @@ class Sandbox(ABC):
             "hosts": {n.name: {"ansible_host": n.ip, "remed_hostname": n.hostname} for n in self.nodes},
             "vars": {
                 "ansible_user": "root",
-                "ansible_ssh_private_key_file": str(self.image.ssh_key),
+                "ansible_ssh_private_key_file": str(self.ssh_key),
                 "ansible_ssh_common_args": common,
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "remed_sandbox": self.name,
@@ -374,7 +409,7 @@ class Sandbox(ABC):
             c = paramiko.SSHClient()
             c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
-                c.connect(n.ip, username="root", pkey=self._pkey, timeout=5, banner_timeout=10,
+                c.connect(n.ip, username="root", pkey=self._pkey(node), timeout=5, banner_timeout=10,
                           auth_timeout=10, look_for_keys=False, allow_agent=False)
             except (paramiko.SSHException, OSError, EOFError) as e:
                 raise NodeUnreachable(f"sandbox {self.name}: SSH to node {n.name} ({n.ip}) "
@@ -426,6 +461,8 @@ def create_sandbox(backend: str = "nspawn", nodes: int = 1, *, image: Image | No
                             detached=config.detached, number_taken=cls.number_taken)
     sb = cls(record, image, config)
     try:
+        _private_tree(record, cls.tree_group())
+        _new_ssh_key(record)
         if config.reaper and not config.detached:
             _start_reaper(record)
         sb.start()
@@ -437,15 +474,23 @@ def create_sandbox(backend: str = "nspawn", nodes: int = 1, *, image: Image | No
     return sb
 
 
-def attach(name: str) -> Sandbox:
-    """A handle on a live sandbox made by any process (e.g. an earlier `sandbox up`)."""
+def attach(name: str, lease: str | None = None) -> Sandbox:
+    """A handle on a live sandbox made by any process (e.g. an earlier `sandbox up`).
+    `lease` (what for): first take the sandbox's lease (simulators/sandbox/lease.py), held
+    as long as the handle (`sb.lease`) or its process lives; LeaseBusy names who has it."""
     record = state.load(name)
+    held = None
+    if lease:
+        from e2e_reme.simulators.sandbox.lease import acquire
+        held = acquire(name, lease)
     cls = get_backend(record.backend)
     image_dir = Path(record.image_dir)
     import json
     image = Image(image_dir, json.loads((image_dir / "manifest.json").read_text()))
-    return cls(record, image, SandboxConfig(backend=record.backend, nodes=len(record.nodes),
-                                            name=name, detached=record.owner_pid is None))
+    sb = cls(record, image, SandboxConfig(backend=record.backend, nodes=len(record.nodes),
+                                          name=name, detached=record.owner_pid is None))
+    sb.lease = held
+    return sb
 
 
 def list_sandboxes() -> list[SandboxRecord]:
@@ -482,6 +527,8 @@ def gc() -> list[str]:
         from e2e_reme.simulators.sandbox import controller, netguard
         done += controller.sweep(live)
         done += netguard.sweep({r.extra["bridge"] for r in live if r.extra.get("bridge")})
+        from e2e_reme.simulators.sandbox import lease
+        done += lease.sweep({r.name for r in live})       # lease files of sandboxes gone, held by nobody
         # Directories with no record at all (a crash between mkdir and the record).
         from e2e_reme.host import safe_rmtree
         names = {r.name for r in live}
@@ -490,6 +537,34 @@ def gc() -> list[str]:
                 safe_rmtree(d)
                 done.append(f"directory {d}")
     return done
+
+
+def _private_tree(record: SandboxRecord, group: int | None) -> None:
+    """What a node leaves in its layers is hostile (a setuid copy, a device node): no other
+    host user may reach it. `<state>/sandboxes` may be passed through, not listed; the
+    sandbox's own directory is root's alone (0700), or 0710 to the group QEMU runs in
+    (libvirt). Done before any node's directory exists below it."""
+    os.chmod(state.sandboxes_dir(), 0o711)
+    os.chown(record.dir, 0, 0 if group is None else group)
+    os.chmod(record.dir, 0o700 if group is None else 0o710)
+
+
+def _new_ssh_key(record: SandboxRecord) -> Path:
+    """The sandbox's own ed25519 key pair, made on the host: `<record dir>/id_ed25519`
+    (0600) and its `.pub`. The nodes authorise it (and no longer the image's key) and the
+    jail gets only it, so a key a playbook reads in one sandbox opens no other."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = Ed25519PrivateKey.generate()
+    path = record.dir / "id_ed25519"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+    pub = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    Path(f"{path}.pub").write_text(f"{pub} remed-sandbox-{record.name}\n")
+    record.extra["ssh_key"] = path.name
+    state.save(record)
+    return path
 
 
 def _release_host_side(record: SandboxRecord) -> None:

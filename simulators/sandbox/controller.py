@@ -10,8 +10,8 @@ check, execution, idempotence re-run) happens in a throw-away container per run:
     root        the guest image's root filesystem under a volatile overlay (nothing it
                 writes survives the run); no file of the host's but the project's Python
                 environment, read-only, at its own path (ansible-core, ansible-runner)
-    /jail       a tmpfs of `scratch_mib` holding the playbook, the inventory and the
-                sandbox's SSH key; the run's artifacts come back from there
+    /jail       a tmpfs of `scratch_mib` and `scratch_inodes` holding the playbook, the
+                inventory and the sandbox's SSH key; the run's results come back from there
     network     a veth on the sandbox's own bridge at the subnet's last address, so it
                 reaches the sandbox's nodes and, through the sandbox's nftables table
                 (simulators/sandbox/netguard.py), nothing of the host's
@@ -20,12 +20,16 @@ check, execution, idempotence re-run) happens in a throw-away container per run:
     limits      its own cgroup with pids.max and a memory limit; killed whole (every
                 process of the cgroup) when the run passes its time limit
 
-The host only writes the inputs and reads back JSON artifacts (ansible-runner's events,
-status, rc) with sizes bounded. What the jail cannot stop is a kernel exploit by a
-process that runs as `nobody`; the nodes themselves are no stronger boundary.
+The host only writes the inputs and reads back data at fixed places (ansible-runner's
+status, rc, stdout and JSON events), bounded, no link followed, nothing but regular files
+opened (see "the results" below); it copies no tree out of the jail. What the playbook
+leaves there past a limit is its outcome (`output_limit`), never ours. What the jail
+cannot stop is a kernel exploit by a process that runs as `nobody`; the nodes themselves
+are no stronger boundary.
 
     jail = JailRun = run_jailed(sb, playbook_text, workdir, JailJob(timeout_s=120, execute=True))
-    jail.syntax_rc, jail.syntax_output, jail.run (a PlaybookRun), jail.rerun, jail.start_s
+    jail.syntax_rc, jail.syntax_output, jail.run (a PlaybookRun), jail.rerun, jail.start_s,
+    jail.output_limit (why the run's status is `output_limit`, if it is)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -45,12 +50,16 @@ import yaml
 from e2e_reme.host import mounts_below, run as host_run
 
 from e2e_reme.simulators.sandbox.ansible import DEFAULT_ENV, PlaybookRun, host_stats
+from e2e_reme.simulators.sandbox.nodefs import NodeTree, WalkLimits
 from e2e_reme.simulators.errors import SandboxError
 from e2e_reme.simulators.sandbox.state import SandboxRecord
 
 JAIL_UID = 65534               # nobody in the image
 MAX_EVENTS_BYTES = 32 << 20    # what the host reads back of a run's events, at most
+MAX_EVENT_BYTES = 4 << 20      # one event
+MAX_EVENT_FILES = 20_000       # entries in a run's job_events directory
 MAX_TEXT_BYTES = 1 << 20       # stdout, syntax-check output
+READ_BACK_S = 30.0             # reading one run's events back, at most
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class ControllerConfig:
     pids_max: int = 512            # ansible forks a process per host and task
     memory_mib: int = 1024
     scratch_mib: int = 64          # /jail: inputs, artifacts, ansible's temp files
+    scratch_inodes: int = 32768    # files and directories in /jail, at most
     grace_s: float = 20.0          # past the playbook's own limit before the jail is killed
 
 
@@ -79,6 +89,7 @@ class JailRun:
     marks: dict[str, float] = field(default_factory=dict)   # started, syntax, run, rerun: when each ended (epoch s)
     total_s: float = 0.0
     killed: bool = False           # it passed timeout + grace and was killed whole
+    output_limit: str = ""         # what the playbook left in the scratch space passed a limit: why
     error: str = ""                # ours, not the playbook's: the jail could not run
 
     @property
@@ -127,8 +138,9 @@ def run_jailed(sb, playbook_text: str, workdir: Path, job: JailJob,
         return out
     try:
         out = _run_container(sb.record, sb.image.rootfs, jdir, job, config, bridge)
-        _read_back(jdir, job, out)
-        _keep_artifacts(jdir, Path(workdir))
+        if not out.error:
+            _read_back(jdir, job, out, Path(workdir))
+            _keep_artifacts(out, Path(workdir))
     except (OSError, subprocess.SubprocessError, SandboxError) as e:
         out.error = f"the controller jail failed: {e}"
     finally:
@@ -148,10 +160,11 @@ def _missing_tools() -> list[str]:
 
 def _prepare_scratch(jdir: Path, sb, playbook_text: str, job: JailJob, config: ControllerConfig) -> None:
     jdir.mkdir(parents=True, exist_ok=True)
-    host_run(["mount", "-t", "tmpfs", "-o", f"size={config.scratch_mib}m,mode=0755,nosuid,nodev",
-              "tmpfs", str(jdir)])
+    opts = f"size={config.scratch_mib}m,nr_inodes={config.scratch_inodes},mode=0755,nosuid,nodev"
+    host_run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(jdir)])
     pdd = jdir / "pdd"
-    for d in (pdd / "project", pdd / "inventory", pdd / "env", jdir / "home", jdir / "tmp", jdir / "out"):
+    for d in (pdd / "project", pdd / "inventory", pdd / "env", jdir / "home", jdir / "tmp", jdir / "out",
+              jdir / "mark"):
         d.mkdir(parents=True)
     (pdd / "project" / "playbook.yaml").write_text(playbook_text)
     inv = sb.inventory()
@@ -161,7 +174,7 @@ def _prepare_scratch(jdir: Path, sb, playbook_text: str, job: JailJob, config: C
     (pdd / "env" / "extravars").write_text(json.dumps(job.extravars or {}, default=str))
     (pdd / "env" / "settings").write_text(json.dumps({
         "job_timeout": max(1, int(job.timeout_s)), "pexpect_timeout": 0.5, "suppress_ansible_output": True}))
-    shutil.copyfile(sb.image.ssh_key, jdir / "key")
+    shutil.copyfile(sb.ssh_key, jdir / "key")      # the sandbox's own key: it opens no other sandbox
     os.chmod(jdir / "key", 0o600)
     # The jailed user owns what it must write; the jail's top directory stays root's.
     for p in [jdir / "key", jdir / "home", jdir / "tmp", jdir / "out", *pdd.rglob("*"), pdd]:
@@ -175,29 +188,31 @@ def _jail_env() -> dict[str, str]:
 
 
 def _script(ip: str, job: JailJob) -> str:
-    """What the container runs: as its root, the address and the privilege drop; as
-    nobody, the syntax check and the run(s). Passed as an argument, never as a file the
-    jailed user could rewrite between the steps."""
+    """What the container runs: as its root, the address, then each step as nobody behind a
+    privilege drop, and after each step its exit status and time in `/jail/mark/` (root's:
+    what the playbook's own tasks cannot forge or remove). Passed as an argument, never as
+    a file the jailed user could rewrite between the steps."""
     venv_bin = Path(sys.executable).parent
-    inner = [
+    drop = (f"setpriv --reuid={JAIL_UID} --regid={JAIL_UID} --clear-groups --no-new-privs "
+            "--inh-caps=-all --bounding-set=-all /bin/sh -c")
+
+    def step(name: str, cmd: str) -> str:
+        return f"{drop} {shlex.quote(cmd)}; echo $? >mark/{name}.rc; date +%s.%N >mark/{name}.done"
+
+    steps = [
+        "date +%s.%N >/jail/mark/started",
+        f"ip addr add {ip}/24 dev host0 && ip link set host0 up || exit 97",
         "cd /jail",
-        f"{venv_bin}/ansible-playbook --syntax-check -i pdd/inventory/hosts.yaml -e @pdd/env/extravars "
-        "pdd/project/playbook.yaml >out/syntax.out 2>&1; echo $? >out/syntax.rc; date +%s.%N >out/syntax.done",
+        step("syntax", f"{venv_bin}/ansible-playbook --syntax-check -i pdd/inventory/hosts.yaml "
+                       "-e @pdd/env/extravars pdd/project/playbook.yaml >out/syntax.out 2>&1"),
     ]
     if job.execute:
         runner = f"{venv_bin}/ansible-runner run pdd -p playbook.yaml -q --rotate-artifacts 0"
-        inner.append(f'if [ "$(cat out/syntax.rc)" = 0 ]; then {runner} --ident run >/dev/null 2>&1; '
-                     'date +%s.%N >out/run.done; fi')
+        steps.append(f'if [ "$(cat mark/syntax.rc)" = 0 ]; then {step("run", f"{runner} --ident run >/dev/null 2>&1")}; fi')
         if job.rerun:
-            inner.append(f'if [ "$(cat pdd/artifacts/run/status 2>/dev/null)" = successful ]; then '
-                         f'{runner} --ident rerun >/dev/null 2>&1; date +%s.%N >out/rerun.done; fi')
-    drop = (f"setpriv --reuid={JAIL_UID} --regid={JAIL_UID} --clear-groups --no-new-privs "
-            "--inh-caps=-all --bounding-set=-all")
-    return "; ".join([
-        "date +%s.%N >/jail/started",
-        f"ip addr add {ip}/24 dev host0 && ip link set host0 up || exit 97",
-        f"exec {drop} /bin/sh -c {shlex.quote('; '.join(inner))}",
-    ])
+            steps.append(f'if [ "$(cat mark/run.rc)" = 0 ]; then '
+                         f'{step("rerun", f"{runner} --ident rerun >/dev/null 2>&1")}; fi')
+    return "; ".join(steps)
 
 
 # ---- the container ---------------------------------------------------------------------------
@@ -240,11 +255,14 @@ def _run_container(record: SandboxRecord, rootfs: Path, jdir: Path, job: JailJob
         log = b""
     finally:
         kill(record)
+    with NodeTree.layer(jdir) as tree:
+        started = _text(tree, "mark/started", 64)
+        checked = tree.lstat("mark/syntax.rc") is not None or bool(_scratch_full(tree))
     try:
-        out.start_s = round(float(_read_text(jdir / "started", 64)) - t0, 3)
+        out.start_s = round(float(started) - t0, 3)
     except ValueError:
         out.start_s = float("nan")
-    if proc.returncode == 97 or (not (jdir / "out" / "syntax.rc").exists() and not out.killed):
+    if proc.returncode == 97 or (not checked and not out.killed):
         out.error = f"the controller jail did not start (nspawn exit {proc.returncode}): " \
                     f"{log.decode(errors='replace')[-600:].strip()}"
     return out
@@ -299,55 +317,114 @@ def _release_scratch(jdir: Path) -> None:
 
 
 # ---- the results -----------------------------------------------------------------------------
+#
+# What the host takes back from the scratch space is data at fixed places, never a tree:
+# the marks and syntax-check files, and per run ansible-runner's `status`, `rc`, `stdout`
+# and `job_events/*.json`. Each is read through nodefs.NodeTree (no link followed, nothing
+# but a regular file opened, the inode checked is the inode read), bounded in bytes, and
+# the events also in files and time. Nothing else of the scratch space is looked at, and
+# what the episode keeps (`workdir/ansible/`) is written by the host from what it read.
+# The playbook owns that space (a `local` task runs as the jailed user): what it left
+# there that passes a limit is its outcome, `output_limit`, with the reason.
 
-def _read_back(jdir: Path, job: JailJob, out: JailRun) -> None:
-    """Only data crosses back: small text files and ansible-runner's JSON events, bounded."""
-    for mark, fname in (("started", "started"), ("syntax", "out/syntax.done"), ("run", "out/run.done"),
-                        ("rerun", "out/rerun.done")):
-        try:
-            out.marks[mark] = float(_read_text(jdir / fname, 64))
-        except ValueError:
-            pass
-    rc = _read_text(jdir / "out" / "syntax.rc", 16).strip()
-    out.syntax_rc = int(rc) if rc.isdigit() else None
-    out.syntax_output = _read_text(jdir / "out" / "syntax.out", MAX_TEXT_BYTES)
-    if job.execute and out.syntax_rc == 0:
-        out.run = _runner_result(jdir, "run", job, out.killed)
-        if job.rerun and out.run.ok:
-            out.rerun = _runner_result(jdir, "rerun", job, out.killed)
+def _read_back(jdir: Path, job: JailJob, out: JailRun, workdir: Path) -> None:
+    with NodeTree.layer(jdir) as tree:
+        for mark, fname in (("started", "started"), ("syntax", "syntax.done"), ("run", "run.done"),
+                            ("rerun", "rerun.done")):
+            try:
+                out.marks[mark] = float(_text(tree, f"mark/{fname}", 64))
+            except ValueError:
+                pass
+        rc = _text(tree, "mark/syntax.rc", 16).strip()
+        out.syntax_rc = int(rc) if rc.isdigit() else None
+        out.syntax_output = _text(tree, "out/syntax.out", MAX_TEXT_BYTES)
+        full = _scratch_full(tree)
+        if out.syntax_rc is None and full:
+            out.output_limit = full
+        if job.execute and out.syntax_rc == 0:
+            out.run = _runner_result(tree, "run", out, workdir, full)
+            if job.rerun and out.run.ok:
+                out.rerun = _runner_result(tree, "rerun", out, workdir, full)
 
 
-def _runner_result(jdir: Path, ident: str, job: JailJob, killed: bool) -> PlaybookRun:
-    adir = jdir / "pdd" / "artifacts" / ident
-    status = _read_text(adir / "status", 64).strip()
-    rc = _read_text(adir / "rc", 16).strip()
-    events, budget = [], MAX_EVENTS_BYTES
-    evdir = adir / "job_events"
-    files = sorted(evdir.glob("*.json"), key=_event_order) if evdir.is_dir() else []
-    for f in files:
-        text = _read_text(f, min(budget, MAX_TEXT_BYTES * 4))
-        budget -= len(text)
-        if budget <= 0:
+def _runner_result(tree: NodeTree, ident: str, out: JailRun, workdir: Path, full: str) -> PlaybookRun:
+    adir = f"pdd/artifacts/{ident}"
+    # ansible-runner's own record is the jailed user's, as much as the playbook's; its exit
+    # status, seen by the container's root (mark/), is not: where they differ, that decides.
+    status = _text(tree, f"{adir}/status", 64).strip()
+    rc = _text(tree, f"mark/{ident}.rc", 16).strip() or _text(tree, f"{adir}/rc", 16).strip()
+    exited = tree.lstat(f"mark/{ident}.rc") is not None
+    events, seen, over = _events(tree, f"{adir}/job_events")
+    if out.killed and status not in ("successful", "failed"):
+        status = "timeout"
+    if status not in ("successful", "failed", "timeout"):      # nothing here cancels a run
+        status = "failed" if seen else "timeout" if out.killed else "failed"
+    if exited:
+        status = "successful" if rc == "0" else status if status in ("failed", "timeout") else "failed"
+    if not over and full and not out.killed:
+        over = full     # ansible had no room left for its own work or results: they may be incomplete
+    if over:
+        status, out.output_limit = "output_limit", out.output_limit or over
+    return PlaybookRun(status=status, rc=int(rc) if rc.lstrip("-").isdigit() else None,
+                       duration_s=_duration(events), stdout=_text(tree, f"{adir}/stdout", MAX_TEXT_BYTES),
+                       events=tuple(events), stats=host_stats(tuple(events)), playbook="playbook.yaml",
+                       artifact_dir=str(workdir / "ansible" / "artifacts" / ident),
+                       error="" if seen or out.killed or over else
+                       f"ansible-runner left no events (status {status or 'none'})")
+
+
+def _events(tree: NodeTree, evdir: str) -> tuple[list[dict], int, str]:
+    """The run's events in order, how many event files there were, and why reading stopped
+    early ("" when it did not): more than MAX_EVENT_FILES entries, an entry that is not a
+    regular file, one event over MAX_EVENT_BYTES (a sparse file included), more than
+    MAX_EVENTS_BYTES in all, or more than READ_BACK_S."""
+    entries, over = [], ""
+    for path, st in tree.walk(evdir, WalkLimits(max_entries=MAX_EVENT_FILES, max_seconds=READ_BACK_S),
+                              prune=lambda p: True):
+        entries.append((path.rsplit("/", 1)[-1], st))
+    if tree.truncated:
+        over = f"the run's events: {tree.truncated}"
+    files = sorted(((n, st) for n, st in entries if n.endswith(".json")), key=lambda e: _event_order(e[0]))
+    odd = next((n for n, st in entries if not stat.S_ISREG(st.st_mode)), None)
+    if odd is not None and not over:
+        over = f"the run's events hold {odd!r}, which is not a regular file"
+    events, total, deadline = [], 0, time.monotonic() + READ_BACK_S
+    for name, st in files if not over else ():
+        if st.st_size > MAX_EVENT_BYTES:
+            sparse = " (a sparse file)" if st.st_blocks * 512 < st.st_size else ""
+            over = f"event file {name!r} is {st.st_size} bytes{sparse}, more than {MAX_EVENT_BYTES}"
+        elif total + st.st_size > MAX_EVENTS_BYTES:
+            over = f"the run's events are more than {MAX_EVENTS_BYTES} bytes"
+        elif time.monotonic() > deadline:
+            over = f"reading the run's events took more than {READ_BACK_S:g} s"
+        if over:
             break
+        data = tree.read_entry(f"{evdir}/{name}", MAX_EVENT_BYTES) or b""
+        total += len(data)
         try:
-            ev = json.loads(text)
+            ev = json.loads(data)
         except ValueError:
             continue
         if isinstance(ev, dict):
             events.append(ev)
-    if killed and status not in ("successful", "failed"):
-        status = "timeout"
-    if status not in ("successful", "failed", "timeout", "canceled"):
-        status = "failed" if files else "timeout" if killed else "failed"
-    return PlaybookRun(status=status, rc=int(rc) if rc.lstrip("-").isdigit() else None,
-                       duration_s=_duration(events), stdout=_read_text(adir / "stdout", MAX_TEXT_BYTES),
-                       events=tuple(events), stats=host_stats(tuple(events)), playbook="playbook.yaml",
-                       artifact_dir=str(adir),
-                       error="" if files or killed else f"ansible-runner left no events (status {status or 'none'})")
+    return events, len(files), over
 
 
-def _event_order(p: Path):
-    head = p.name.split("-", 1)[0]
+def _scratch_full(tree: NodeTree) -> str:
+    """Why the scratch space is full ("" when it is not): a playbook that fills it (blocks
+    or inodes) leaves ansible-runner no room for its own results, which is its doing."""
+    v = tree.statvfs(".")
+    if v is None:
+        return ""
+    if v.f_bavail * v.f_frsize < (1 << 20):
+        return f"the playbook filled the jail's scratch space ({v.f_blocks * v.f_frsize >> 20} MiB)"
+    if v.f_files and v.f_favail < 64:
+        return f"the playbook filled the jail's scratch space ({v.f_files} files)"
+    return ""
+
+
+def _event_order(name: str):
+    head = name.split("-", 1)[0]
     return int(head) if head.isdigit() else 1 << 30
 
 
@@ -362,45 +439,29 @@ def _duration(events: list[dict]) -> float:
     return round((stamps[-1] - stamps[0]).total_seconds(), 3) if len(stamps) == 2 else 0.0
 
 
-def _read_text(path: Path, limit: int) -> str:
-    """A regular file inside the scratch space, at most `limit` bytes. The jailed user
-    owns most of that space and could have left a symlink to a host file there, so the
-    path must resolve inside it and the file must not be a link."""
-    if not _inside(path):
-        return ""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return ""
-    with os.fdopen(fd, "rb") as f:
-        if not os.path.stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        return f.read(limit).decode(errors="replace")
+def _text(tree: NodeTree, path: str, limit: int) -> str:
+    """At most `limit` bytes of a regular file in the scratch space ("" for anything else):
+    the jailed user owns most of that space and may have left a link, a FIFO or a
+    directory where a result should be."""
+    data = tree.read_bytes(path, limit, follow=False)
+    return data.decode(errors="replace") if data else ""
 
 
-def _inside(path: Path) -> bool:
-    """The path resolves within a controller scratch space (`<sandbox dir>/ctl/`), with no
-    link on the way."""
-    real = os.path.realpath(path)
-    parts = Path(path).parts
-    top = next((i for i, p in enumerate(parts) if p == "ctl"), None)
-    if top is None:
-        return False
-    root = os.path.realpath(Path(*parts[:top + 1]))
-    rel = os.path.join(*parts[top + 1:]) if len(parts) > top + 1 else ""
-    return bool(rel) and real == os.path.join(root, rel)
-
-
-def _keep_artifacts(jdir: Path, workdir: Path) -> None:
-    """Copy what a person may want to read (outputs, events) out of the scratch space."""
+def _keep_artifacts(out: JailRun, workdir: Path) -> None:
+    """What a person may want to read, written by the host from what it read back (the
+    events go to `events.jsonl`, simulators/playbook/execution.py): nothing of the scratch
+    space is copied."""
     dest = workdir / "ansible"
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "syntax.out").write_text(_read_text(jdir / "out" / "syntax.out", MAX_TEXT_BYTES))
-        adir = jdir / "pdd" / "artifacts"
-        if adir.is_dir() and _inside(adir):
-            shutil.copytree(adir, dest / "artifacts", dirs_exist_ok=True, symlinks=True,
-                            ignore=lambda d, names: [n for n in names if (Path(d) / n).is_symlink()])
+        (dest / "syntax.out").write_text(out.syntax_output)
+        for run in (out.run, out.rerun):
+            if run is not None:
+                adir = Path(run.artifact_dir)
+                adir.mkdir(parents=True, exist_ok=True)
+                for name, text in (("status", run.status), ("rc", "" if run.rc is None else str(run.rc)),
+                                   ("stdout", run.stdout)):
+                    (adir / name).write_text(text + ("\n" if name != "stdout" else ""))
     except OSError:
         pass   # the outcome does not depend on these copies
 

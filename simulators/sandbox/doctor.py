@@ -46,9 +46,9 @@ ROOT, NSPAWN, OVERLAY = "root", "systemd-nspawn", "overlayfs"
 LIBVIRTD, QEMU, DEV_KVM, KVM = "libvirtd", "qemu", "/dev/kvm", "kvm"
 NETEM, NFTABLES, CGROUP = "netem", "nftables", "cgroup"
 DISK_CACHE, DISK_STATE, MEMORY, IMAGE = "disk:cache", "disk:state", "memory", "guest-image"
-CONTAINMENT = "containment"
+CONTAINMENT, SANDBOX_TREE, RAY_TOKEN = "containment", "sandbox-tree", "ray-token"
 CHECK_NAMES = (ROOT, NSPAWN, OVERLAY, LIBVIRTD, QEMU, DEV_KVM, KVM, NETEM, NFTABLES, CGROUP,
-               DISK_CACHE, DISK_STATE, MEMORY, IMAGE, CONTAINMENT)
+               DISK_CACHE, DISK_STATE, MEMORY, IMAGE, CONTAINMENT, SANDBOX_TREE, RAY_TOKEN)
 
 PROBE_NETNS_PREFIX = "remed-probe-"
 _CMD_TIMEOUT_S = 15.0
@@ -129,6 +129,8 @@ def probe_host() -> HostReport:
         _guarded(MEMORY, probe_memory),
         _guarded(IMAGE, probe_image),
         _guarded(CONTAINMENT, probe_containment),
+        _guarded(SANDBOX_TREE, probe_sandbox_tree),
+        _guarded(RAY_TOKEN, probe_ray_token),
     ])
 
 
@@ -332,6 +334,48 @@ def probe_containment() -> Check:
         return Check(CONTAINMENT, "unusable", f"{detail}; WITHOUT rules: {', '.join(open_)}",
                      "`remed sandbox down NAME` and create it again (or `remed sandbox gc`)")
     return Check(CONTAINMENT, "ok", detail)
+
+
+def probe_sandbox_tree() -> Check:
+    """Can another host user reach what nodes leave in their layers (docs/containment.md,
+    "What a node leaves on the host")? The state directory and its parents must be root's
+    and not writable by others (or a user could swap a directory root then walks through),
+    `sandboxes/` not listable, and each sandbox's directory root's alone (0710 to QEMU's
+    group on libvirt)."""
+    import stat as st_
+    from e2e_reme.simulators.sandbox import state
+    top = state.sandboxes_dir()
+    bad = []
+    for p in [*reversed(top.parents), top]:
+        try:
+            s = os.stat(p)
+        except FileNotFoundError:
+            break
+        if s.st_uid != 0 or (s.st_mode & 0o022 and not s.st_mode & st_.S_ISVTX):
+            bad.append(f"{p} ({st_.filemode(s.st_mode)}, uid {s.st_uid})")
+    if top.is_dir() and os.stat(top).st_mode & 0o066:
+        bad.append(f"{top} can be listed by others ({st_.filemode(os.stat(top).st_mode)})")
+    open_ = [d.name for d in (top.iterdir() if top.is_dir() else []) if d.is_dir() and os.stat(d).st_mode & 0o067]
+    if bad:
+        return Check(SANDBOX_TREE, "unusable", "not root's alone: " + "; ".join(bad),
+                     "point E2E_REME_STATE at a directory only root can write (default /var/lib/e2e-reme)")
+    if open_:
+        return Check(SANDBOX_TREE, "unusable", f"sandboxes other users can enter: {', '.join(open_)}",
+                     f"chmod 700 {top}/NAME, or `remed sandbox down NAME` and create it again")
+    return Check(SANDBOX_TREE, "ok", f"{top}: root's; other users reach no sandbox's files")
+
+
+def probe_ray_token() -> Check:
+    """Is the token of Ray's token authentication readable only by its owner? Whoever
+    reads it can submit a job, as root here, to a head that uses it (e2e_reme/ray_auth.py)."""
+    from e2e_reme import ray_auth
+    path = ray_auth.token_path()
+    why = ray_auth.problem(path)
+    if why:
+        return Check(RAY_TOKEN, "unusable", f"others can read or replace it: {why}", ray_auth.fix_command(path))
+    if not path.exists():
+        return Check(RAY_TOKEN, "ok", f"no {path} yet (a head the project starts writes it 0600)")
+    return Check(RAY_TOKEN, "ok", f"{path}: its owner's alone")
 
 
 def _backends(c: dict[str, Check]) -> dict[str, Usable]:

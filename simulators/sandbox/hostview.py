@@ -18,6 +18,8 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from e2e_reme.simulators.sandbox.nodefs import NodeTree, WalkLimits
+
 # What systemd puts into a service's environment anew at each start: not the service's
 # configuration, so a restart may change them.
 VOLATILE_ENV = frozenset({"INVOCATION_ID", "JOURNAL_STREAM", "SYSTEMD_EXEC_PID", "MAINPID", "NOTIFY_SOCKET",
@@ -177,102 +179,35 @@ def unit_processes(procs: list[Proc], unit: str) -> list[Proc]:
 
 # ---- files through the node's root --------------------------------------------------------
 
-def node_root(sb, node: int) -> str | None:
+def node_tree(sb, node: int) -> NodeTree | None:
+    """The node's root as its init sees it, read by the kernel's own resolution inside it
+    (nodefs.NodeTree: no link leads out, nothing but regular files read). The caller
+    closes it (`with`). None if the node has no init."""
     pid = init_pid(sb, node)
-    return f"/proc/{pid}/root" if pid else None
-
-
-def resolve(root: str, path: str, hops: int = 40) -> str | None:
-    """The host path of `path` inside `root`, following symlinks as the node would (an
-    absolute link restarts at the node's root, never the host's). None on a link loop."""
-    todo = [p for p in path.split("/") if p]
-    cur: list[str] = []
-    while todo:
-        part = todo.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            cur = cur[:-1]
-            continue
-        host = root + "/" + "/".join(cur + [part])
-        try:
-            st = os.lstat(host)
-        except OSError:
-            return root + "/" + "/".join(cur + [part] + todo)
-        if stat.S_ISLNK(st.st_mode):
-            hops -= 1
-            if hops < 0:
-                return None
-            target = os.readlink(host)
-            if target.startswith("/"):
-                cur = []
-            todo = [p for p in target.split("/") if p] + todo
-            continue
-        cur.append(part)
-    return root + "/" + "/".join(cur)
-
-
-def read_bytes(root: str, path: str, limit: int = HASH_LIMIT) -> bytes | None:
-    real = resolve(root, path)
-    if real is None:
+    if not pid:
         return None
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return NodeTree.of_process(pid)
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0:
-            b = os.read(fd, min(left, 1 << 20))
-            if not b:
-                break
-            chunks.append(b)
-            left -= len(b)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
-def sha256(root: str, path: str) -> str | None:
-    data = read_bytes(root, path, limit=1 << 30)
-    return hashlib.sha256(data).hexdigest() if data is not None else None
-
-
-def file_id(root: str, path: str) -> dict | None:
+def file_id(tree: NodeTree, path: str) -> dict | None:
     """(device, inode, size) of a file in the node: a file is the same file when renamed."""
-    real = resolve(root, path)
-    try:
-        st = os.lstat(real) if real else None
-    except OSError:
-        return None
+    st = tree.lstat(path)
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size} if st else None
 
 
-def find_inode(root: str, directory: str, ino: int, dev: int) -> str | None:
-    """Where in `directory` (one filesystem, recursively) the file with that inode is now."""
-    real = resolve(root, directory)
-    if real is None:
-        return None
-    for dirpath, dirs, files in os.walk(real):
-        for name in files + dirs:
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(full)
-            except OSError:
-                continue
-            if st.st_ino == ino and st.st_dev == dev:
-                return directory.rstrip("/") + full[len(real):]
+def find_inode(tree: NodeTree, directory: str, ino: int, dev: int) -> str | None:
+    """Where in `directory` (one filesystem, bounded walk) the file with that inode is now."""
+    for full, st in tree.walk(directory, WalkLimits(max_entries=100_000, max_seconds=10.0), one_fs=True):
+        if st.st_ino == ino and st.st_dev == dev:
+            return full
     return None
 
 
-def fs_usage(root: str, path: str) -> dict | None:
-    real = resolve(root, path)
-    try:
-        v = os.statvfs(real) if real else None
-    except OSError:
-        return None
+def fs_usage(tree: NodeTree, path: str) -> dict | None:
+    v = tree.statvfs(path)
     return {"size": v.f_blocks * v.f_frsize, "avail": v.f_bavail * v.f_frsize} if v else None
 
 
@@ -292,14 +227,6 @@ def mounts_at(pid: int, path: str) -> list[dict]:
     return out
 
 
-def list_dir(root: str, path: str) -> list[str] | None:
-    real = resolve(root, path)
-    try:
-        return sorted(os.listdir(real)) if real else None
-    except OSError:
-        return None
-
-
 # ---- the overlay's upper layer: what the node changed -------------------------------------
 
 def upper_dir(sb, node: int) -> Path:
@@ -309,45 +236,42 @@ def upper_dir(sb, node: int) -> Path:
 
 
 def upper_manifest(sb, node: int) -> dict[str, str]:
-    """path (relative to the node's /) -> what it is in the upper layer: `f:<sha256>`,
-    `l:<target>`, `w` (a whiteout: deleted), `d` (a directory), `o:<mode>` (anything else).
-    Volatile paths are left out."""
-    top = upper_dir(sb, node)
+    """path (relative to the node's /) -> what it is in the upper layer: `f:<sha256>:<mode>`,
+    `l:<target>`, `w` (a whiteout: deleted), `o:<mode>` (anything else but a directory).
+    Volatile paths are left out. Read by directory descriptors with no link followed
+    (nodefs); a layer too big or too deep to read in bounds is itself an entry
+    (`!truncated`), so it differs from any baseline."""
     out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(top):
-        rel_dir = os.path.relpath(dirpath, top)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        if rel_dir and _volatile(rel_dir):
-            dirs[:] = []
-            continue
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-            rel = rel_dir + name
-            if _volatile(rel):
+    try:
+        tree = NodeTree.layer(upper_dir(sb, node))
+    except OSError as e:
+        return {"!unreadable": str(e)}
+    with tree:
+        for full, st in tree.walk("/", UPPER_LIMITS, one_fs=True, prune=lambda p: _volatile(p[1:] + "/")):
+            if stat.S_ISDIR(st.st_mode) or _volatile(full[1:]):
                 continue
-            out["/" + rel] = _describe(os.path.join(dirpath, name))
+            out[full] = _describe(tree, full, st)
+        if tree.truncated:
+            out["!truncated"] = tree.truncated
     return out
+
+
+UPPER_LIMITS = WalkLimits(max_entries=100_000, max_seconds=20.0, max_depth=48)
 
 
 def _volatile(rel: str) -> bool:
     return rel.startswith(VOLATILE_PATHS)
 
 
-def _describe(path: str) -> str:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return "gone"
+def _describe(tree: NodeTree, path: str, st: os.stat_result) -> str:
     if stat.S_ISLNK(st.st_mode):
-        return "l:" + os.readlink(path)
+        return "l:" + (tree.readlink(path) or "")
     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
         return "w"
     if stat.S_ISREG(st.st_mode):
         if st.st_size > HASH_LIMIT:
             return f"f:size={st.st_size},mtime={st.st_mtime_ns}"
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            h.update(f.read())
-        return f"f:{h.hexdigest()}:{stat.S_IMODE(st.st_mode):o}"
+        return f"f:{tree.hash_entry(path, HASH_LIMIT)}:{stat.S_IMODE(st.st_mode):o}"
     return f"o:{st.st_mode:o}"
 
 
@@ -372,22 +296,30 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _run_dropins(root: str) -> dict[str, str]:
+def _run_dropins(tree: NodeTree) -> dict[str, str]:
     """Unit drop-ins and property overrides in the node's runtime directories (tmpfs, so
     not in the overlay): `systemctl set-property --runtime`, a drop-in under /run."""
     out = {}
     for top in RUN_DROPIN_DIRS:
-        real = resolve(root, top)
-        if not real or not os.path.isdir(real):
-            continue
-        for dirpath, _dirs, files in os.walk(real):
-            rel_dir = top + dirpath[len(real):]
-            for f in files:
-                if rel_dir == top and not f.endswith(".conf"):
-                    continue    # transient units themselves: their processes are judged elsewhere
-                data = read_bytes(root, f"{rel_dir}/{f}", limit=65536)
-                out[f"{rel_dir}/{f}"] = hashlib.sha256(data or b"").hexdigest()
+        for full, st in tree.walk(top, WalkLimits(max_entries=5000, max_seconds=5.0)):
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if full.rsplit("/", 1)[0] == top and not full.endswith(".conf"):
+                continue    # transient units themselves: their processes are judged elsewhere
+            data = tree.read_entry(full, 65536)
+            out[full] = hashlib.sha256(data or b"").hexdigest()
+        if tree.truncated:
+            out[f"{top}/!truncated"] = tree.truncated
     return out
+
+
+def _code_sha(pid: int, code: str) -> str | None:
+    """The service's code as its own process sees it (its mount namespace, not init's)."""
+    try:
+        with NodeTree.of_process(pid) as t:
+            return t.sha256(code)
+    except OSError:
+        return None
 
 
 def node_facts(sb, node: int, units: list[str]) -> dict | None:
@@ -395,8 +327,8 @@ def node_facts(sb, node: int, units: list[str]) -> dict | None:
     command line, code hash, environment and mapped libraries; the node's changed files
     (overlay upper layer) and runtime drop-ins. None if the node has no init."""
     procs = processes(sb, node)
-    root = node_root(sb, node)
-    if root is None:
+    tree = node_tree(sb, node)
+    if tree is None:
         return None
     services = {}
     for unit in units:
@@ -408,7 +340,9 @@ def node_facts(sb, node: int, units: list[str]) -> dict | None:
         code = next((a for a in argv[1:] if a.endswith(".py")), None)
         env = environ(p.pid) or {}
         services[unit] = {"running": True, "pid": p.pid, "ns_pid": p.ns_pid, "exe": p.exe, "argv": argv,
-                          "code_sha": sha256(root, code) if code else None,
+                          "code_sha": _code_sha(p.pid, code) if code else None,
                           "environ": {k: v for k, v in sorted(env.items()) if k not in VOLATILE_ENV},
                           "maps": exec_maps(p.pid) or []}
-    return {"services": services, "upper": upper_manifest(sb, node), "run_dropins": _run_dropins(root)}
+    with tree:
+        run_dropins = _run_dropins(tree)
+    return {"services": services, "upper": upper_manifest(sb, node), "run_dropins": run_dropins}

@@ -347,9 +347,10 @@ def hash_files(sb: Sandbox, node: int, paths: list[str]) -> dict[str, str | None
     the node's root (nspawn), else by the isolated toolset on the node."""
     from e2e_reme.simulators.sandbox import hostview
     if hostview.supported(sb):
-        root = hostview.node_root(sb, node)
-        if root is not None:
-            return {p: hostview.sha256(root, p) for p in paths}
+        tree = hostview.node_tree(sb, node)
+        if tree is not None:
+            with tree:
+                return {p: tree.sha256(p) for p in paths}
     res = toolset_exec(sb, node, _HASH_SCRIPT, json.dumps(paths))
     if res is None or res[0] != 0:
         return {}

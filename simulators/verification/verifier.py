@@ -14,7 +14,11 @@ a remediation a verdict is a success only if ALL of these hold, each with its ev
                     the verifier's toolset (libvirt): each service's environment, executable,
                     code and mapped libraries, and no file changed outside the data dirs but
                     the fault's own footprint (interpreter hooks, drop-ins, tools on PATH,
-                    preloads)
+                    preloads); the mount table, every unit and drop-in directory and the
+                    cgroups as at baseline (runtime_state.py)
+    persistence     the playbook left nothing for later (a timer, a new unit, a process
+                    written into a unit's cgroup, a cron job): the leftover sweep ended it
+                    and recorded it (persistence.py)
     function        a nonce challenge through the entry that only the deployed code, calling
                     its dependencies and writing its store, answers right (challenge.py)
     seed_data       the data written at deploy time is intact (read by the host / the
@@ -52,6 +56,7 @@ from typing import Any, Iterable, Protocol
 import hashlib
 
 from e2e_reme.simulators.sandbox import hostview
+from e2e_reme.simulators.verification import persistence, runtime_state
 from e2e_reme.simulators.verification.challenge import resp, run_challenge
 from e2e_reme.simulators.systems.probe import guest_runtime_facts, probe_all
 from e2e_reme.simulators.errors import SandboxError
@@ -231,6 +236,8 @@ def runtime_facts(sb: Sandbox, targets: dict[str, ServiceTarget]) -> dict[int, d
         facts = (hostview.node_facts(sb, i, units) if hostview.supported(sb)
                  else guest_runtime_facts(sb, i, units))
         if facts is not None:
+            # Its mounts, unit and drop-in directories, job spools and cgroups (issue 28).
+            facts["state"] = runtime_state.node_state(sb, i, units)
             out[i] = facts
     return out
 
@@ -291,6 +298,8 @@ def _judge(sb, deployment, baseline, faults, seed_check, load_check, probe_downt
     ]
     if runtime and baseline.runtime:
         checks.append(_check_runtime(sb, targets, baseline, faults))
+        # What the playbook left scheduled or running for later, ended before this verdict.
+        checks.append(Check("persistence", *persistence.check(sb, baseline.taken_at)))
     if function_check:
         res = function_check(sb, deployment)
         checks.append(Check("function", bool(res.get("ok")), res.get("detail", ""), res))
@@ -416,6 +425,7 @@ def _check_runtime(sb: Sandbox, targets: dict[str, ServiceTarget], baseline: Bas
     outside its data and logs (interpreter hooks, drop-ins, tools on PATH, libraries)
     except what the injected fault itself wrote (its footprint, docs/verdict.md)."""
     allowed = tuple(p for f in faults for p in _footprints(f))
+    state_ok = runtime_state.allowances(faults)    # the fault's own mounts and drop-ins
     now = runtime_facts(sb, targets)
     problems, evidence = [], {}
     for i, base in baseline.runtime.items():
@@ -428,6 +438,10 @@ def _check_runtime(sb: Sandbox, targets: dict[str, ServiceTarget], baseline: Bas
             if diffs:
                 evidence[unit] = diffs
                 problems.append(f"{unit}: {', '.join(sorted(diffs))} changed")
+        more, seen = runtime_state.compare(base.get("state"), cur.get("state"), *state_ok)
+        if more:
+            evidence[f"n{i}_state"] = seen
+            problems += [f"node n{i}: {p}" for p in more]
         changed = _changed(base["upper"], cur["upper"], allowed)
         changed.update(_changed(base["run_dropins"], cur["run_dropins"], allowed))
         if changed:

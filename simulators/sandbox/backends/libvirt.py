@@ -50,6 +50,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -267,6 +268,17 @@ class LibvirtSandbox(Sandbox):
             raise HostNotCapable("qemu-img is not installed; run `make setup` (apt-get install qemu-utils)")
         with _connect():
             pass
+
+    @classmethod
+    def tree_group(cls) -> int | None:
+        """QEMU (its own user) opens the node's disk in the sandbox's directory."""
+        uid, gid = _qemu_ids()
+        return gid if uid else None
+
+    def _login_key(self, node: int) -> Path:
+        """The image's key until `_prepare_guest` has put the sandbox's own in place (the
+        guest boots from the image's disk, which authorises only the image's key)."""
+        return self.ssh_key if self.nodes[node].extra.get("own_key") else self.image.ssh_key
 
     @classmethod
     def number_taken(cls, number: int, subnet) -> bool:
@@ -508,15 +520,26 @@ class LibvirtSandbox(Sandbox):
 
     def _prepare_guest(self, index: int) -> None:
         """What every reset should come back to: boot finished (else each reset would
-        replay its tail) and /etc/hosts naming the host and every node."""
+        replay its tail), /etc/hosts naming the host and every node, and the sandbox's own
+        key as root's only authorised key (the image's no longer opens the node)."""
         hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
         hosts += f"{self.record.gateway} remed-host\n"
         hosts += "".join(f"{n.ip} {n.hostname} {n.name}\n" for n in self.nodes)
-        res = self.exec("cat > /etc/hosts && systemctl is-system-running --wait >/dev/null; sync",
+        key = self.ssh_public_key()
+        auth = "" if not key else (
+            f"printf %s {shlex.quote(key)} > /root/.ssh/authorized_keys.new && chmod 600 "
+            "/root/.ssh/authorized_keys.new && mv -f /root/.ssh/authorized_keys.new /root/.ssh/authorized_keys && ")
+        res = self.exec(f"{auth}cat > /etc/hosts || exit 3; systemctl is-system-running --wait >/dev/null; sync",
                         node=index, timeout=90, input=hosts)
         if res.timed_out:
             raise SandboxNotReady(f"sandbox {self.name}: node {self.nodes[index].name} did not "
                                   f"finish booting in 90 s; see {self.node_log(index)}")
+        if res.rc == 3:
+            raise SandboxError(f"sandbox {self.name}: cannot write root's authorized_keys or /etc/hosts on "
+                               f"node {self.nodes[index].name}: {res.stderr.strip()[-200:]}")
+        if key:
+            self.nodes[index].extra["own_key"] = True
+            self._drop_client(index)
 
     def _take_ready_point(self, conn, index: int) -> None:
         node = self.nodes[index]
@@ -590,6 +613,7 @@ class LibvirtSandbox(Sandbox):
     def _new_overlay(self, index: int) -> None:
         d = self._dir(index)
         d.mkdir(parents=True, exist_ok=True)
+        self.nodes[index].extra.pop("own_key", None)    # a fresh disk authorises the image's key
         disk = d / "disk.qcow2"
         disk.unlink(missing_ok=True)
         try:
@@ -602,6 +626,7 @@ class LibvirtSandbox(Sandbox):
         # gets the one file it writes; the image's files are world-readable as they are.
         uid, gid = _qemu_ids()
         os.chown(disk, uid, gid)
+        os.chmod(disk, 0o600)
 
     def _network_xml(self) -> str:
         number = self.record.number

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -222,6 +223,12 @@ def fresh_cgroups(machine: str) -> list[Path]:
 
 CFS_PERIOD_US = 100_000
 MIN_DISK_MIB = 64          # below this ext4 and a booting node do not fit
+# What a node writes is hostile to the host: a setuid copy made by node root is owned by
+# uid 0 on the layer's disk, a device node opens the host's device. The layers' own mounts
+# honour neither and run nothing (the node executes through the overlay, which still can);
+# the overlay honours neither setuid nor devices either (nspawn gives the node a /dev of its own).
+LAYER_FLAGS = "nosuid,nodev,noexec"
+OVERLAY_FLAGS = "nosuid,nodev"
 
 
 def _limits(config) -> dict:
@@ -304,6 +311,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442     # x86_64, arm64 alike
 _OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_EMPTY_PATH = 1, 0o2000000, 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH, _MOUNT_ATTR_IDMAP, _AT_FDCWD = 4, 0x100000, -100
+_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
 
 
 class _MountAttr(ctypes.Structure):
@@ -342,7 +350,10 @@ def _idmap_userns(base: int) -> int:
 def _idmapped_bind(src: Path, dst: Path, userns_fd: int) -> None:
     fd = _syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(src).encode(), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)
     try:
-        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        # The idmapped view of a layer is a layer too (the image's rootfs has setuid files
+        # of its own): nosuid, nodev, noexec like rw/.
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOEXEC,
+                          0, 0, userns_fd)
         _syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr))
         _syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, str(dst).encode(), _MOVE_MOUNT_F_EMPTY_PATH)
     finally:
@@ -364,6 +375,44 @@ def _unmount_all_below(d: Path) -> None:
             return
         for mnt in sorted(found, key=lambda m: not m.endswith("/merged")):
             run(["umount", "-l", mnt], check=False)
+
+
+def _write_in_node(root: Path, rel: str, text: str, owner: int) -> None:
+    """Write a file below a node's root as `owner`, following no symlink on the way (each
+    directory opened by fd with O_NOFOLLOW) and opening nothing but a regular file: the
+    layers below are the node's, and a frozen one may hold what a playbook left.
+    Missing directories are made (0700 for `.ssh`, else 0755); files are 0600 in `.ssh`."""
+    *dirs, name = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in dirs:
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o700 if part == ".ssh" else 0o755, dir_fd=fd)
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.fchown(nxt, owner, owner)
+            os.close(fd)
+            fd = nxt
+        mode = 0o600 if dirs[-1:] == [".ssh"] else 0o644
+        try:
+            f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                        mode, dir_fd=fd)
+        except OSError as e:
+            raise SandboxError(f"cannot write {rel} below {root}: {e} (not a regular file?)") from e
+        try:
+            if not stat.S_ISREG(os.fstat(f).st_mode):
+                raise SandboxError(f"cannot write {rel} below {root}: not a regular file")
+            os.ftruncate(f, 0)
+            os.write(f, text.encode())
+            os.fchown(f, owner, owner)
+            os.fchmod(f, mode)
+        finally:
+            os.close(f)
+    except OSError as e:
+        raise SandboxError(f"cannot write {rel} below {root}: {e}") from e
+    finally:
+        os.close(fd)
 
 
 def _counter(path: Path, key: str) -> int:
@@ -457,7 +506,7 @@ class NspawnSandbox(Sandbox):
             run(["umount", "-l", str(d / "merged")], check=False)
             for sub in ("upper", "work"):
                 safe_rmtree(d / "rw" / sub)
-            if _mounted(d / "rw"):
+            if _mounted(d / "rw") and self.record.extra.get("limits", {}).get("disk_mib"):
                 # Online discard frees blocks in the background; this waits until every
                 # free block is given back to the host's disk.
                 run(["fstrim", str(d / "rw")], check=False)
@@ -619,16 +668,20 @@ class NspawnSandbox(Sandbox):
 
     def _disk(self, index: int) -> None:
         """The node's writable layer on a disk of its own: a sparse ext4 image of
-        limit_disk_mib, made once per node and mounted on rw/ (a plain directory without a
-        limit). On a real disk, not tmpfs: an IO fault in the node must cause real IO."""
+        limit_disk_mib, made once per node and mounted on rw/ (without a limit, rw/ bound on
+        itself), `LAYER_FLAGS` either way. On a real disk, not tmpfs: an IO fault in the node
+        must cause real IO."""
         d = self._dir(index)
         rw = d / "rw"
         rw.mkdir(parents=True, exist_ok=True)
         mib = self.record.extra.get("limits", {}).get("disk_mib", 0)
-        if not mib or _mounted(rw):
+        if _mounted(rw):
             return
         img = d / "disk.img"
         try:
+            if not mib:
+                run(["mount", "--bind", "-o", LAYER_FLAGS, str(rw), str(rw)])
+                return
             if not img.exists():
                 with open(img, "wb") as f:
                     f.truncate(mib << 20)
@@ -637,7 +690,7 @@ class NspawnSandbox(Sandbox):
                 run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-i", "32768",
                      "-E", "lazy_itable_init=0,nodiscard", "-L", f"remed-{index}", str(img)])
             # loop: detached with the last unmount; discard: deleted files free host blocks.
-            run(["mount", "-o", "loop,discard,noatime", str(img), str(rw)])
+            run(["mount", "-o", f"loop,discard,noatime,{LAYER_FLAGS}", str(img), str(rw)])
         except HostCommandError as e:
             raise SandboxError(f"sandbox {self.name}: cannot make the {mib} MiB disk of node "
                                f"{self.nodes[index].name}: {e}") from e
@@ -679,26 +732,26 @@ class NspawnSandbox(Sandbox):
                              + [str(image)])
             up = top / "rw" if userns else rw
             run(["mount", "-t", "overlay", "overlay", "-o",
-                 f"lowerdir={lower},upperdir={up / 'upper'},workdir={up / 'work'}", str(d / "merged")])
+                 f"{OVERLAY_FLAGS},lowerdir={lower},upperdir={up / 'upper'},workdir={up / 'work'}",
+                 str(d / "merged")])
         except HostCommandError as e:
             raise SandboxError(f"sandbox {self.name}: cannot mount the overlay for node "
                                f"{self.nodes[index].name}: {e}") from e
         node = self.nodes[index]
-        m = d / "merged"
-        (m / "etc/hostname").write_text(node.hostname + "\n")
         hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
         hosts += f"{self.record.gateway} remed-host\n"
         hosts += "".join(f"{n.ip} {n.hostname} {n.name}\n" for n in self.nodes)
-        (m / "etc/hosts").write_text(hosts)
-        (m / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
-        (m / "etc/systemd/network/10-host0.network").write_text(
-            "[Match]\nName=host0\n\n[Network]\n"
-            f"Address={node.ip}/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n")
-        if userns:
-            # What the host wrote is the node root's, not the host's (uid 0 is not mapped in there).
-            base = _uid_base(self.record.number, index)
-            for f in ("etc/hostname", "etc/hosts", "etc/systemd/network", "etc/systemd/network/10-host0.network"):
-                os.chown(m / f, base, base)
+        files = {"etc/hostname": node.hostname + "\n", "etc/hosts": hosts,
+                 "etc/systemd/network/10-host0.network": "[Match]\nName=host0\n\n[Network]\n"
+                 f"Address={node.ip}/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n"}
+        # The sandbox's own key replaces the image's: a key read in another sandbox opens nothing here.
+        key = self.ssh_public_key()
+        if key:
+            files["root/.ssh/authorized_keys"] = key
+        # What the host writes is the node root's, not the host's (uid 0 is not mapped in there).
+        owner = _uid_base(self.record.number, index) if userns else 0
+        for rel, text in files.items():
+            _write_in_node(d / "merged", rel, text, owner)
 
     def _boot(self, index: int) -> None:
         node = self.nodes[index]
