@@ -181,7 +181,12 @@ def test_a_model_playbook_runs_from_the_jailed_controller_on_the_sandbox_network
 
 def test_node_memory_is_measured(sb):
     mib = sb.node_memory_mib(0)
-    assert 50 < mib < sb.config.memory_mib + 512
+    # QEMU's PSS is the guest RAM it touched plus QEMU itself; under TCG QEMU itself includes
+    # its translation cache (up to 1 GiB by default), which grows with the guest code run so
+    # far: 1320 MiB was seen for a 768 MiB guest once this module's playbooks and the
+    # verifier's toolset scripts had run in it (CI run of 2026-12-06).
+    overhead = 512 if sb.record.extra.get("accel") == "kvm" else 512 + 1024
+    assert 50 < mib < sb.config.memory_mib + overhead
 
 
 def test_reset_discards_every_change_without_rebooting(sb):
