@@ -110,25 +110,25 @@ class NodeTree:
         except OSError:
             return None
 
-    def lstat(self, path: str) -> os.stat_result | None:
-        """The entry itself (a symlink is a symlink)."""
-        fd = self._open_path(path, follow=False)
+    def _on_path(self, path: str, follow: bool, fn):
+        """fn(an O_PATH descriptor of `path`), or None if it cannot be opened or fn fails."""
+        fd = self._open_path(path, follow=follow)
         if fd is None:
             return None
         try:
-            return os.fstat(fd)
+            return fn(fd)
+        except OSError:
+            return None
         finally:
             os.close(fd)
 
+    def lstat(self, path: str) -> os.stat_result | None:
+        """The entry itself (a symlink is a symlink)."""
+        return self._on_path(path, False, os.fstat)
+
     def stat(self, path: str) -> os.stat_result | None:
         """What the path names with links resolved inside the tree (in_root) or refused."""
-        fd = self._open_path(path, follow=True)
-        if fd is None:
-            return None
-        try:
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
+        return self._on_path(path, True, os.fstat)
 
     def exists(self, path: str) -> bool:
         return self.lstat(path) is not None
@@ -138,60 +138,39 @@ class NodeTree:
         return st is not None and stat.S_ISDIR(st.st_mode)
 
     def readlink(self, path: str) -> str | None:
-        fd = self._open_path(path, follow=False)
-        if fd is None:
-            return None
-        try:
-            return os.readlink("", dir_fd=fd) if stat.S_ISLNK(os.fstat(fd).st_mode) else None
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return self._on_path(path, False, lambda fd: os.readlink("", dir_fd=fd)
+                             if stat.S_ISLNK(os.fstat(fd).st_mode) else None)
 
     def open_regular(self, path: str, *, follow: bool = True) -> int | None:
         """A read descriptor for `path` if it is a regular file (checked on the inode that
         is then read), else None. The caller closes it."""
-        fd = self._open_path(path, follow=follow)
-        if fd is None:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return self._on_path(path, follow, lambda fd: os.open(
+            f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            if stat.S_ISREG(os.fstat(fd).st_mode) else None)
 
     def read_bytes(self, path: str, limit: int = 4 << 20, *, follow: bool = True) -> bytes | None:
         """At most `limit` bytes of a regular file; None for anything else or on error."""
-        rfd = self.open_regular(path, follow=follow)
-        if rfd is None:
-            return None
-        try:
-            return _read_fd(rfd, limit)
-        finally:
-            os.close(rfd)
+        return self._on_regular(path, follow, lambda fd: b"".join(_chunks(fd, limit)))
 
     def sha256(self, path: str, limit: int = 1 << 30, *, follow: bool = True) -> str | None:
+        def digest(fd: int) -> str:
+            h = hashlib.sha256()
+            for b in _chunks(fd, limit):
+                h.update(b)
+            return h.hexdigest()
+        return self._on_regular(path, follow, digest)
+
+    def _on_regular(self, path: str, follow: bool, fn):
         rfd = self.open_regular(path, follow=follow)
         if rfd is None:
             return None
         try:
-            return _hash_fd(rfd, limit)
+            return fn(rfd)
         finally:
             os.close(rfd)
 
     def statvfs(self, path: str) -> os.statvfs_result | None:
-        fd = self._open_path(path, follow=True)
-        if fd is None:
-            return None
-        try:
-            return os.fstatvfs(fd)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return self._on_path(path, True, os.fstatvfs)
 
     def listdir(self, path: str) -> list[str] | None:
         fd = self._open_dir(path, follow=True)
@@ -276,32 +255,18 @@ def _scan(dfd: int) -> list[str]:
     return sorted(os.listdir(dfd))
 
 
-def _read_fd(fd: int, limit: int) -> bytes:
-    chunks, left = [], limit
+def _chunks(fd: int, limit: int) -> Iterator[bytes]:
+    """What the descriptor reads, up to `limit` bytes (a would-block read ends it)."""
+    left = limit
     while left > 0:
         try:
             b = os.read(fd, min(left, 1 << 20))
         except BlockingIOError:
-            break
+            return
         if not b:
-            break
-        chunks.append(b)
+            return
+        yield b
         left -= len(b)
-    return b"".join(chunks)
-
-
-def _hash_fd(fd: int, limit: int) -> str:
-    h, left = hashlib.sha256(), limit
-    while left > 0:
-        try:
-            b = os.read(fd, min(left, 1 << 20))
-        except BlockingIOError:
-            break
-        if not b:
-            break
-        h.update(b)
-        left -= len(b)
-    return h.hexdigest()
 
 
 def supported() -> bool:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from e2e_reme.simulators.errors import SandboxError
+from e2e_reme.simulators.playbook.leftovers import _cmdline
 from e2e_reme.simulators.sandbox import hostview
 from e2e_reme.simulators.verification.runtime_state import (SPOOL_DIRS, UNIT_DIRS, UNIT_SUFFIXES, guest_state,
                                                              manifest, unit_cgroup)
@@ -360,13 +361,6 @@ def _blocks(res) -> list[str]:
     except ValueError:
         return []
     return [b for b in out if isinstance(b, str)] if isinstance(out, list) else []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
-    except OSError:
-        return ""
 
 
 _GUEST_KILL = r'''
