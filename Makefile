@@ -9,14 +9,14 @@ PYTEST_ARGS ?= -m "not vm and not slow"
 
 APT_PACKAGES := debootstrap systemd-container libvirt-daemon-system libvirt-dev pkg-config \
 	qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables openssh-client dnsmasq-base \
-	python3-venv python3-dev gcc nginx
+	python3-venv python3-dev gcc nginx chromium
 
 .PHONY: demo test setup system-packages daemons image model clean-sandboxes help
 help:
 	@echo "make demo   set up, build the guest image, run the demo on a local sandbox"
 	@echo "make test   set up, build the guest image, run the tests (PYTEST_ARGS to choose)"
 
-setup: system-packages daemons $(VENV)/.installed
+setup: system-packages daemons $(VENV)/.installed $(VENV)/.playwright
 
 # apt only when something is missing, so a second run costs a few dpkg queries.
 system-packages:
@@ -42,6 +42,12 @@ daemons: system-packages
 	  else pgrep -x virtlogd >/dev/null || virtlogd -d; pgrep -x libvirtd >/dev/null || libvirtd -d; fi; \
 	  for i in $$(seq 50); do virsh -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.2; done; \
 	fi
+
+# The review console's browser tests drive Debian's chromium (/usr/bin/chromium, from apt above)
+# through Playwright for Python; nothing downloads a browser (no `playwright install`).
+$(VENV)/.playwright: $(VENV)/.installed
+	@$(VENV)/bin/python -c 'import playwright' 2>/dev/null || $(VENV)/bin/pip install -q 'playwright>=1.40'
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml | system-packages
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

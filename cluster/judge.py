@@ -16,13 +16,32 @@ stage (no playbook, refused by the gate, failed run, not remediated). When the
 infrastructure failed instead (the fault could not be injected, the sandbox stopped
 answering, our pipeline or the verdict could not run) there is no reward (`None`): the
 sample says nothing about the policy, and a trainer leaves it out rather than punish it.
+
+Groups judged against the state their prompt describes (`Judge.groups`, what RL uses):
+
+    results = judge.groups(scenarios, answer)     # answer(scenario, report) -> completions
+    results[0].report_text, results[0].answers, results[0].judgements
+
+A group is one job on one sandbox (one slot of one host, held from start to end): the
+scenario is observed first (reset, inject, confirm, the diagnosis report, recover), the
+report goes to `answer` (the rollout worker: it samples the group for THAT report, while
+no fault runs), and each completion is then executed in the same sandbox after a reset and
+a re-injection of the same scenario. The faults derive every identifier a report shows (a
+transient unit, a stray file's name) from the scenario's seed, and the sandbox's addresses
+are its own, so the re-injected state is the observed one. Before a completion runs, the
+episode's own report is compared with the observed one on the identifiers it names
+(`report_identifiers`: units, addresses, ports, paths); where they differ, the sample is
+an infrastructure failure (`StateMismatch`, no reward), never the policy's.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from e2e_reme.simulators.episode import Scenario
 
@@ -98,4 +117,177 @@ class Judge:
                    completion_ids=tuple(ids) if ids is not None else None)
 
 
-__all__ = ["BLAME", "Judge", "Judgement", "reward_of"]
+    def groups(self, scenarios: Sequence[Scenario], answer: Callable[[Scenario, dict], list[dict]]) -> list["GroupResult"]:
+        """One group per scenario, each observed, answered and judged on one sandbox (the
+        module docstring). `answer(scenario, report)` runs on the sandbox host, is
+        picklable (a Ray actor handle inside), and returns the group: dicts with at least
+        "text" (and "completion_ids" where known). Results in the scenarios' order."""
+        jobs = []
+        for sc in scenarios:
+            self._n += 1
+            jobs.append(Job(id=f"{sc.id}-g{self._tag}{self._n}", scenario=sc, policy=self.policy,
+                            group=Group(answer)))
+        got = {r["id"]: r for r in self.fleet.run(jobs)}
+        return [group_result(got[j.id]) for j in jobs]
+
+
+# ---- groups: observe, answer, judge on one sandbox -------------------------------------------------
+
+@dataclass(frozen=True)
+class Group:
+    """What a group job carries (sandbox_host.Job.group): who answers the observed report."""
+    answer: Any                 # callable(scenario, report dict) -> list of completion dicts
+
+
+@dataclass
+class GroupResult:
+    id: str
+    report: dict | None                 # the observed report the group answered (None: never observed)
+    report_text: str
+    answers: list[dict]                 # what `answer` returned, in order
+    judgements: list[Judgement]         # one per answer
+    error: str = ""                     # why the group has no judgements (injection, sandbox, rollout)
+    error_class: str = ""
+    times: dict = field(default_factory=dict)    # observe, answer, execute (seconds, on the host)
+
+
+def group_result(d: dict) -> GroupResult:
+    """A group job's result (or a lost job's record: no judgements, the reason kept)."""
+    return GroupResult(id=d["id"], report=d.get("report"), report_text=d.get("report_text") or "",
+                       answers=list(d.get("answers") or []), judgements=[reward_of(r) for r in d.get("records") or []],
+                       error=d.get("error") or ("" if "records" in d else d.get("reason", "lost")),
+                       error_class=d.get("error_class") or ("" if "records" in d else d.get("error_class") or "Lost"),
+                       times=dict(d.get("times") or {}))
+
+
+# What names a thing a fix acts on, in a report's text: a unit, an address, a port, a path.
+_IDENTIFIER = re.compile(r"[\w@.:-]+\.(?:service|scope|socket|timer|slice|mount)\b"
+                         r"|\b\d{1,3}(?:\.\d{1,3}){3}\b"
+                         r"|\b(?:port|dport|sport) \d+\b"
+                         r"|(?<![\w.])/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+_REQUEST = re.compile(r"\b(?:GET|POST|PUT|DELETE|HEAD) /\S*")
+
+
+def report_identifiers(report_text: str) -> list[str]:
+    """The identifiers a report's text names (units, addresses, ports, paths), outside its
+    recent log lines (a caller's ephemeral port is no identifier of the state) and the
+    endpoints whose latency it measured (which is slowest varies). Process ids
+    are left out: every start of a process gets a new one, and a fix stops a process by its
+    unit (the expert runbook does)."""
+    lines = []
+    for line in report_text.splitlines():
+        if line.startswith("Recent log lines of the service"):
+            break
+        lines.append(line)
+    text = _REQUEST.sub("", "\n".join(lines))      # an endpoint measured is no identifier of the state
+    return sorted(set(_IDENTIFIER.findall(text)))
+
+
+class BoundPolicy:
+    """A given completion (policies.FixedPolicy) that runs only in the state its prompt
+    described: the episode's own report must name the identifiers the prompt's named;
+    otherwise it answers nothing and says why (`state_mismatch` in the trial's extra), and
+    the group marks the record an infrastructure failure."""
+    max_trials = 1
+
+    def __init__(self, inner, expected: list[str]):
+        self.inner, self.expected, self.name = inner, list(expected), inner.name
+
+    def generate(self, ctx, feedback):
+        from e2e_reme.simulators.policies.base import Generation
+        now = report_identifiers(ctx.report.to_text())
+        if now != self.expected:
+            gone, new = sorted(set(self.expected) - set(now)), sorted(set(now) - set(self.expected))
+            return Generation(text="", model=self.name, prompt_tokens=0, completion_tokens=0,
+                              extra={"state_mismatch": {"prompt_only": gone, "episode_only": new}})
+        return self.inner.generate(ctx, feedback)
+
+
+def _mismatch(rec: dict) -> dict | None:
+    for t in rec.get("trials") or []:
+        m = (t.get("extra") or {}).get("state_mismatch")
+        if m:
+            return m
+    return None
+
+
+def observe_case(slot, scenario: Scenario, config) -> tuple[dict, str]:
+    """The scenario's diagnosis report on the slot's sandbox (reset, inject, confirm, build
+    the report), the fault recovered after: (report dict, report text). Raises FaultError
+    when the fault cannot be injected or confirmed, SandboxError when the sandbox fails."""
+    from e2e_reme.simulators.errors import FaultError
+    from e2e_reme.simulators.faults import forget_faults, make_fault, recover_all
+    from e2e_reme.simulators.reports import build_report
+    from e2e_reme.simulators.systems.deploy import wait_healthy
+    if not slot.ready:
+        slot.replace()
+    sb, dep = slot.sb, slot.dep
+    sb.reset()
+    forget_faults(sb)
+    wait_healthy(sb, dep, timeout_s=60)
+    if scenario.target not in dep.targets:
+        raise FaultError(f"scenario {scenario.id}: no service '{scenario.target}' in {dep.system}")
+    fault = make_fault(scenario.fault, dep.targets[scenario.target], dep.targets, params=scenario.params or None,
+                       seed=scenario.seed)
+    try:
+        fault.inject(sb)
+        t0 = time.monotonic()
+        while not fault.is_active(sb):
+            if time.monotonic() - t0 > config.confirm_timeout_s:
+                raise FaultError(f"{fault.name} on {scenario.target}: not active after {config.confirm_timeout_s:.0f} s")
+            time.sleep(0.2)
+        report = build_report(sb, dep, [fault], config.report_detail, window_s=config.report_window_s)
+    finally:
+        try:
+            recover_all(sb)
+        except Exception:
+            sb.reset()
+        forget_faults(sb)
+    return report.to_dict(), report.to_text()
+
+
+def run_group(slot, job: Job, *, out_dir: Path, config, on_record: Callable[[dict], None] = lambda d: None) -> dict:
+    """A group job on one slot (the module docstring): observe, answer, then every answer
+    judged in the same sandbox, each after a reset and a re-injection of the scenario."""
+    from e2e_reme.simulators.episode import run_case
+    from e2e_reme.simulators.errors import FaultError
+    from e2e_reme.simulators.policies import FixedPolicy
+    out = {"id": job.id, "outcome": "group", "scenario": asdict(job.scenario), "times": {}}
+    t = time.monotonic()
+    try:
+        report, text = observe_case(slot, job.scenario, config)
+    except FaultError as e:
+        return {**out, "error_class": "InjectionFailure", "error": str(e)}
+    except Exception as e:       # the sandbox stopped answering: the next job's reset replaces it
+        slot.down(keep_lease=True)
+        return {**out, "error_class": type(e).__name__, "error": f"observing the scenario failed: {e}"}
+    out.update(report=report, report_text=text)
+    out["times"]["observe"] = round(time.monotonic() - t, 2)
+    t = time.monotonic()
+    try:
+        answers = list(job.group.answer(job.scenario, report))
+    except Exception as e:       # the rollout worker was lost: the driver starts another
+        return {**out, "error_class": "AnswerFailed", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    out["times"]["answer"] = round(time.monotonic() - t, 2)
+    out["answers"] = answers
+    expected, records = report_identifiers(text), []
+    t = time.monotonic()
+    for k, a in enumerate(answers):
+        ids = a.get("completion_ids")
+        policy = BoundPolicy(FixedPolicy(a["text"], name=job.policy, completion_ids=ids), expected)
+        d = run_case(slot, job.scenario, policy, out_dir=out_dir, config=config, episode_id=f"{job.id}-{k}").to_dict()
+        m = _mismatch(d)
+        if m is not None:
+            d.update(outcome="infra_failure", error_class="StateMismatch",
+                     reason=f"the re-injected state is not the one the prompt described: {m}")
+        on_record(d)
+        records.append(d)
+    out["times"]["execute"] = round(time.monotonic() - t, 2)
+    out["records"] = records
+    return out
+
+
+__all__ = ["BLAME", "BoundPolicy", "Group", "GroupResult", "Judge", "Judgement", "group_result", "observe_case",
+           "report_identifiers", "reward_of", "run_group"]

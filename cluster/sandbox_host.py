@@ -77,6 +77,8 @@ class Job:
     completion: str | None = None
     completion_ids: tuple[int, ...] | None = None
     requeues: int = 0                    # times a lost host gave it back
+    group: Any = None                    # judge.Group: observe, answer and judge a group on one slot
+                                         # (cluster/judge.py run_group); its result is not a record
 
 
 def available_memory_mib() -> int:
@@ -252,6 +254,12 @@ class SandboxHost:
             if slot.system != job.scenario.system:
                 self._redeploy(i, job.scenario.system)
                 slot = self._slots[i]
+            if job.group is not None:
+                from .judge import run_group
+                where = {"hostname": self.hostname, "node_id": self.node_id, "pid": self.pid, "sandbox": slot.name,
+                         "requeues": job.requeues}
+                return {**run_group(slot, job, out_dir=self.out_dir, config=self.config.episode,
+                                    on_record=lambda d: (d.update(host=where), self._account(d))), "host": where}
             policy = self._policy(i, job)
             reps = slot.replacements
             rec = run_case(slot, job.scenario, policy, out_dir=self.out_dir, config=self.config.episode,

@@ -6,6 +6,8 @@
     GET  /v1/models             OpenAI-compatible
     GET  /healthz               {"status": "ok", model...}
     GET  /metrics               this replica's Prometheus text (serve/metrics.py)
+    /ui ...                     the operator's review console (serve/console.py): propose, inspect,
+                                approve, execute, history; decisions in serve/review.py's store
 
 Concurrent generations are batched dynamically (`@serve.batch`: up to `max_batch_size`
 prompts, waiting at most `batch_wait_timeout_s` for a batch to fill); each batch runs in the
@@ -89,8 +91,8 @@ api = FastAPI(title="E2E-REME", description="Remediation playbooks from diagnosi
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """FastAPI's own 404/405 in the shape of every other refusal."""
-    what = {404: "no such endpoint: the routes are /v1/remediate, /v1/chat/completions, /v1/models, /healthz and "
-                 "/metrics", 405: f"method {request.method} is not allowed on {request.url.path}"}
+    what = {404: "no such endpoint: the routes are /v1/remediate, /v1/chat/completions, /v1/models, /healthz, "
+                 "/metrics and the console at /ui", 405: f"method {request.method} is not allowed on {request.url.path}"}
     err = {"message": what.get(exc.status_code, str(exc.detail)), "type": "invalid_request_error",
            "code": exc.status_code}
     return JSONResponse({"error": err}, status_code=exc.status_code, headers=exc.headers)
@@ -161,6 +163,8 @@ class RemedServer:
                               (self.info["path"], self.info["name"]),
                               (str(Path(self.cfg.model).resolve()), self.info["name"])}, key=lambda x: -len(x[0]))
         self.created = int(time.time())
+        from .console import Console
+        self.console = Console(self)        # opens the decision store; interrupted runs of a dead server recorded
         self._generate.set_max_batch_size(self.cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -420,6 +424,14 @@ class RemedServer:
             raise ApiError(422, f"{field}: has a shape a diagnosis report cannot have ({type(e).__name__}: "
                                 f"{str(e)[:120]}); send it as DiagnosisReport.to_dict() writes it",
                            field=field) from None
+
+    @api.api_route("/ui", methods=["GET", "HEAD", "POST"], include_in_schema=False)
+    async def console_root(self, request: Request) -> Response:
+        return await self._answer("/ui", self.console.handle, request)
+
+    @api.api_route("/ui/{rest:path}", methods=["GET", "HEAD", "POST"], include_in_schema=False)
+    async def console_page(self, request: Request, rest: str) -> Response:
+        return await self._answer("/ui", self.console.handle, request)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:

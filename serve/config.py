@@ -75,6 +75,13 @@ class ServeConfig:
     verify_load: bool = True                 # the verifier's SLO load window after an execution
     workdir: str = "runs/serve"              # per-request execution directories
     metrics_port: int | None = None          # Ray's Prometheus export port (cluster-wide metrics)
+    # the review console (/ui, serve/console.py) and its decision store (serve/review.py)
+    review_db: str = "runs/serve/review.sqlite"   # SQLite; relative to where the server starts, like workdir
+    review_public_read: bool = False         # True: the console's read-only views need no login
+    review_session_hours: float = 12.0       # how long a console login (an HttpOnly cookie) lasts
+    review_answers: bool = False             # the console takes an operator's playbook instead of the model's
+                                             # (drills, tests); recorded as such. Off by default
+    review_regenerate_temperature: float = 0.8   # "regenerate": another sample at this temperature
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "ServeConfig":
@@ -117,6 +124,9 @@ class ServeConfig:
                self.max_prompt_tokens, self.max_body_bytes) < 1:
             raise ServeConfigError("serve config: max_connections, max_connections_per_client, max_model_requests, "
                                    "max_prompt_tokens and max_body_bytes must be >= 1")
+        if not 0 < self.review_session_hours <= 24 * 30 or not 0.01 <= self.review_regenerate_temperature <= 2:
+            raise ServeConfigError("serve config: review_session_hours must be in (0, 720] and "
+                                   "review_regenerate_temperature in [0.01, 2]")
         if min(self.header_timeout_s, self.body_timeout_s, self.request_timeout_s, self.exec_timeout_s) <= 0:
             raise ServeConfigError("serve config: header_timeout_s, body_timeout_s, request_timeout_s and "
                                    "exec_timeout_s must be > 0")

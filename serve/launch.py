@@ -43,8 +43,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def resolve_paths(cfg: ServeConfig, base: Path | None = None) -> ServeConfig:
-    """Model, workdir and token file as absolute paths: a replica's working directory is
-    not the caller's."""
+    """Model, workdir, review database and token file as absolute paths: a replica's
+    working directory is not the caller's."""
     base = base or Path.cwd()
 
     def absolute(p: str | None) -> str | None:
@@ -53,7 +53,7 @@ def resolve_paths(cfg: ServeConfig, base: Path | None = None) -> ServeConfig:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
     return dataclasses.replace(cfg, model=absolute(cfg.model) or "", workdir=absolute(cfg.workdir) or cfg.workdir,
-                               token_file=absolute(cfg.token_file))
+                               token_file=absolute(cfg.token_file), review_db=absolute(cfg.review_db) or cfg.review_db)
 
 
 def check_model(path: str) -> None:

@@ -21,7 +21,9 @@ client or in total, and it streams a slow body into the replica, where each one 
 - Serve's `x-request-timeout-seconds` header (a client could lift Serve's timeout with it)
   is removed; nginx's own errors are JSON like the app's.
 
-Only `/healthz`, `/metrics` and `/v1/...` are passed on; everything else is a 404 here.
+Only `/healthz`, `/metrics`, `/v1/...` and the review console `/ui...` are passed on;
+everything else is a 404 here. The console has the per-client limit and a total of its own
+(`max_model_requests`, in a zone apart from /v1's: its pages and polls take no /v1 slot).
 nginx runs as this process's child in the foreground (`daemon off`) with its files in a
 private directory, and dies with it (`PR_SET_PDEATHSIG`).
 """
@@ -71,7 +73,7 @@ def nginx_conf(cfg: ServeConfig, upstream_port: int, rundir: Path) -> str:
         400: ("the request is not well-formed HTTP (request line or headers); send a valid HTTP/1.1 request",
               "invalid_request_error"),
         404: ("no such endpoint: the routes are /v1/remediate, /v1/chat/completions, /v1/models, /healthz and "
-              "/metrics", "not_found_error"),
+              "/metrics, and the console at /ui", "not_found_error"),
         413: (f"the request body is more than {cfg.max_body_bytes} bytes, the most this server accepts; send a "
               f"smaller report (fewer observations, logs or evidence)", "too_large"),
         429: (f"too many requests in progress: at most {per_client} per client (max_connections_per_client) and "
@@ -114,6 +116,7 @@ http {{
     large_client_header_buffers 4 8k;
     limit_conn_zone $binary_remote_addr zone=per_client:1m;
     limit_conn_zone $server_name zone=model:64k;
+    limit_conn_zone $server_name zone=console:64k;
     limit_conn_status 429;
     limit_conn_log_level info;
     upstream serve {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
@@ -135,6 +138,13 @@ http {{
         location /v1/ {{
             limit_conn per_client {per_client};
             limit_conn model {model};
+            proxy_pass http://serve;
+            proxy_read_timeout {up_timeout}s;
+            proxy_send_timeout 60s;
+        }}
+        location /ui {{
+            limit_conn per_client {per_client};
+            limit_conn console {model};
             proxy_pass http://serve;
             proxy_read_timeout {up_timeout}s;
             proxy_send_timeout 60s;

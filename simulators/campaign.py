@@ -453,10 +453,12 @@ class _Workers:
 
     def _work(self, index: int, slot: Slot) -> None:
         try:
+            # The policy first (one per worker: clients are not shared), so that a model shared by
+            # the workers (train.rollout.GatheredChatModel) knows them all before any of them asks.
+            policy = self.policy()
             self.emit("slot", f"sandbox {index}: deploying {slot.system}")
             slot.up()
             self.emit("slot", f"sandbox {index}: ready")
-            policy = self.policy()       # one per worker: clients are not shared
             while not self.stop.is_set():
                 try:
                     case = self.work.get_nowait()

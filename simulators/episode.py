@@ -368,6 +368,14 @@ def _generate(ep: _Episode, ctx: PolicyContext, feedback: list[TrialFeedback], t
         rec.tokens[k] = None if (v is None or rec.tokens[k] is None) else rec.tokens[k] + v
     (tdir / "output.txt").write_text(gen.text)
     (tdir / "messages.json").write_text(json.dumps(gen.messages, indent=1, default=str))
+    if (gen.extra or {}).get("finish_reason") == "repetition":
+        # The model fell into a loop and its engine stopped it (train/rollout.py `loop_span`):
+        # the policy's failure, whatever the truncated text would have done.
+        rec.trials.append({"trial": trial, "output": gen.text, "completion_tokens": gen.completion_tokens,
+                           "error": "the answer repeated itself and was stopped"})
+        rec.error_class, rec.reason = "GenerationLoop", (f"the model repeated one block of its answer after "
+                                                         f"{gen.completion_tokens} tokens; stopped there")
+        return None
     return gen
 
 

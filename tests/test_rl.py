@@ -4,9 +4,12 @@ stops, whose step takes its rewards from real verdicts of real sandboxes through
 changes the parameters and writes a checkpoint; a rerun resumes from it. The objective's
 arithmetic is specified in test_rl_objective.py.
 
-The tiny random model writes no playbook, so its samples fail at extract; the case's
-verified expert answer joins each group (`expert_per_group: 1`) and is judged like any
-completion, which gives the group the variance an update needs.
+The tiny random model writes no playbook, so its samples fail at extract; the expert's
+answer to the observed report joins each group (`expert_per_group: 1`) and is judged like
+any completion, which gives the group the variance an update needs. Without it, every
+group lacks signal: the step draws other cases (dynamic sampling) and then skips its update.
+The judge's same-state rule (a completion judged against the state its prompt describes)
+is tested in test_rl_same_state.py.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from e2e_reme.simulators.systems.deploy import deploy, wait_healthy
 from e2e_reme.train.model import ModelConfig, TokenizerConfig, init_model
 from e2e_reme.train.rl import run
 from e2e_reme.train.rl_config import load_config
-from e2e_reme.train.rl_workers import checkpoints, rollout_actor_name
+from e2e_reme.train.rl_workers import actor_options, checkpoints, rollout_actor_name, trainer_actor_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -67,6 +70,9 @@ def traces(image, tmp_path_factory):
     return d / "records.jsonl"
 
 
+MAX_TOKENS = 400      # above the pod-fail answer in the tiny model's tokens (the config checks it)
+
+
 @pytest.fixture(scope="module")
 def config_file(traces, tmp_path_factory):
     d = tmp_path_factory.mktemp("rl")
@@ -81,10 +87,10 @@ def config_file(traces, tmp_path_factory):
                                       "test": {"systems": ["train-ticket"]}}))
     cfg = {"out": str(d / "run"), "model": str(model), "steps": 1, "seed": 1,
            "data": {"episodes": [str(traces)], "splits": str(splits)},
-           "rollout": {"scenarios_per_step": 1, "group_size": 1, "expert_per_group": 1, "max_tokens": 16,
-                       "engine": "transformers"},
+           "rollout": {"scenarios_per_step": 1, "group_size": 1, "expert_per_group": 1, "refill_groups": 0,
+                       "max_tokens": MAX_TOKENS, "engine": "transformers", "cpus": 1},
            "update": {"lr": 0.01, "workers": 1, "use_gpu": "false"},
-           "fleet": {"host": {"slots": 2, "sandbox_prefix": PREFIX,
+           "fleet": {"episode_timeout_s": 1800, "host": {"slots": 2, "sandbox_prefix": PREFIX,
                               "episode": {"verify_load": False, "report_window_s": 1.0}}}}
     path = d / "rl.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -139,7 +145,9 @@ def test_a_submitted_step_is_rewarded_by_real_verdicts_and_changes_the_policy(su
     assert [(s["expert"], s["outcome"], s["reward"]) for s in samples] == [(False, "failure", 0.0),
                                                                           (True, "success", 1.0)]
     assert step["groups"] == 1 and step["groups_dropped_zero_variance"] == 0 and step["sequences"] == 2
-    assert set(step["time_s"]) == {"generation", "execution", "update", "sync"}
+    assert step["masked_state_mismatch"] == 0 and not step["update_skipped"]
+    assert set(step["time_s"]) == {"judge", "update", "sync", "host_observe", "host_answer", "host_execute"}
+    assert step["time_s"]["host_observe"] > 0 and step["time_s"]["host_execute"] > 0
     (ckpt,) = checkpoints(out)
     assert ckpt.name == "checkpoint_000001" and (out / "reward.png").is_file()
     assert _max_weight_change(config.model, ckpt) > 0
@@ -170,9 +178,9 @@ def _kill_and_wait(actor, timeout: float = 60.0) -> None:
 
 
 def test_a_lost_rollout_worker_costs_time_not_the_run(submitted, config_file):
-    # The worker is killed after a step, as a lost node would end it; strictly on-policy
-    # (no overlap), the next step finds it dead when it asks for its groups: a new worker
-    # from the current weights generates them again, and the step is judged and learned from.
+    # The worker is killed after a step, as a lost node would end it; the next step's group
+    # finds it dead when its sandbox host asks for the answers: a new worker, synced with
+    # the trainer's weights, answers the group again, and the step is judged and learned from.
     config, r = submitted
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out, killed, lines = Path(config.out), [], []
@@ -182,12 +190,11 @@ def test_a_lost_rollout_worker_costs_time_not_the_run(submitted, config_file):
             _kill_and_wait(ray.get_actor(rollout_actor_name(out, 0), namespace="e2e-reme-rl"))
             killed.append(m["step"])
 
-    run(load_config(config_file, ["steps=4", "rollout.overlap=false"]), say=lines.append, on_step=kill_once)
+    run(load_config(config_file, ["steps=4"]), say=lines.append, on_step=kill_once)
     rows = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     after = rows[killed[0] + 1]
     assert any("rollout worker lost" in line for line in lines), lines
     assert after["rollout_restarts"] == 1 and not after["update_failed"] and after["sequences"] == 2
-    assert set(after["time_s"]) == {"generation", "execution", "update", "sync"}      # no overlap
     samples = json.loads((out / "samples" / f"step-{after['step']:06d}.json").read_text())
     assert [(s["expert"], s["reward"]) for s in samples] == [(False, 0.0), (True, 1.0)]
     assert checkpoints(out)[-1].name == "checkpoint_000004"
@@ -195,33 +202,54 @@ def test_a_lost_rollout_worker_costs_time_not_the_run(submitted, config_file):
 
 
 def test_a_failed_update_costs_its_step_not_the_run(submitted, config_file, tmp_path):
-    # After step 1 its checkpoint is damaged on disk (as a failing disk would leave it):
-    # step 2's Train worker cannot load it and the fit fails. The step is judged
-    # and logged as a failed update, nothing is learned from it, no checkpoint is written
-    # for it, and the run ends normally on the weights it had.
+    # After step 1 the trainer actor is killed (as a lost node would end it): step 2 is
+    # judged and logged as a failed update, nothing is learned from it, no checkpoint is
+    # written for it, a new trainer starts from checkpoint 1, and step 3 learns again.
     config, r = submitted
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out, lines = tmp_path / "run", []
 
-    def damage_after_step_1(m):
+    def kill_after_step_1(m):
         if m["step"] == 1:
-            (out / "checkpoint_000001" / "model.safetensors").write_bytes(b"not a tensor file")
+            _kill_and_wait(ray.get_actor(trainer_actor_name(out, 0), namespace="e2e-reme-rl"))
 
-    summary = run(load_config(config_file, [f"out={out}", "steps=2"]), say=lines.append,
-                  on_step=damage_after_step_1)
+    summary = run(load_config(config_file, [f"out={out}", "steps=3"]), say=lines.append, on_step=kill_after_step_1)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["step"], m["update_failed"]) for m in rows] == [(1, False), (2, True)]
+    assert [(m["step"], m["update_failed"]) for m in rows] == [(1, False), (2, True), (3, False)]
     assert rows[1]["reward"] is not None and rows[1]["loss"] is None      # judged, not learned from
+    assert rows[2]["trainer_restarts"] == 1 and rows[2]["sequences"] == 2
     assert any("step 2: the update failed" in line for line in lines), lines
-    assert [c.name for c in checkpoints(out)] == ["checkpoint_000001"]
-    assert Path(summary["checkpoint"]).name == "checkpoint_000001" and summary["steps"] == 2
+    assert [c.name for c in checkpoints(out)] == ["checkpoint_000001", "checkpoint_000003"]
+    assert Path(summary["checkpoint"]).name == "checkpoint_000003" and summary["steps"] == 3
     assert not [r.name for r in list_sandboxes() if r.name.startswith(PREFIX)]
+
+
+def test_groups_without_signal_are_refilled_then_the_step_skips_its_update(submitted, config_file, tmp_path):
+    # No expert in the groups: the tiny model's two samples both fail, the group has nothing
+    # to teach; the step draws one more group (refill_groups 1), which fails alike; with no
+    # sequence to learn from, the update is skipped (no optimizer step, no checkpoint).
+    config, r = submitted
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path / "run"
+    run(load_config(config_file, [f"out={out}", "rollout.group_size=2", "rollout.expert_per_group=0",
+                                  "rollout.refill_groups=1"]), say=lambda s: None)
+    (m,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m["groups"] == 2 and m["groups_refilled"] == 1 and m["groups_with_signal"] == 0
+    assert m["update_skipped"] and m["sequences"] is None and m["time_s"]["update"] < 1
+    assert checkpoints(out) == []
+    samples = json.loads((out / "samples" / "step-000001.json").read_text())
+    assert [s["reward"] for s in samples] == [0.0] * 4 and {s["group"] for s in samples} == {0, 1}
 
 
 @pytest.mark.parametrize("override, match", [("steps=0", "steps must be at least 1"),
                                              ("objective.algorithm=ppo", "grpo, reinforce"),
                                              ("rollout.group_size=0", "at least two completions"),
                                              ("rollout.bogus=1", "unknown keys.*bogus"),
+                                             ("rollout.temperature=0.7", "both must be 1"),
+                                             ("rollout.top_p=0.9", "both must be 1"),
+                                             ("rollout.overlap=true", "unknown keys.*overlap"),
+                                             ("update.workers=2", "one actor for the run"),
+                                             ("fleet.episode_timeout_s=600", "whole group"),
                                              ("steps", "section.key=value")])
 def test_a_bad_setting_names_the_problem(config_file, override, match):
     from e2e_reme.train.errors import TrainError
@@ -247,24 +275,34 @@ def test_the_saved_config_is_the_whole_run_config(submitted):
     assert saved["rollout"]["expert_per_group"] == 1 and saved["fleet"]["host"]["slots"] == 2
 
 
-RECORDED = ("Affected service: shippingservice on host n1 (unit remed-shippingservice.service, port 50052).\n"
-            "- memory hog: pid 88 (unit run-r78f7a135acfc429db37045feb6c00518.service) holds 641.9 MiB\n"
-            "- nft rules that drop: ip daddr 198.18.1.3 numgen random mod 100 < 50 drop\n"
-            "- journal: connection from 198.18.1.2 reset\n")
-# The expert's answer: what the fix needs from the report (not the journal's address).
-EXPERT = ("- name: stop run-r78f7a135acfc429db37045feb6c00518.service\n"
-          "  shell: kill 88; nft delete rule ip daddr 198.18.1.3\n")
+def test_passk_judges_each_cases_samples_as_rl_does(submitted, config_file, tmp_path):
+    # pass@k of the tiny model on the training case: two temperature-1 samples, observed
+    # and judged on one sandbox; both fail (no playbook), so pass@2 is 0, and it is written.
+    from e2e_reme.train.passk import run_passk
+    config, r = submitted
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = run_passk(load_config(config_file, [f"out={tmp_path}"]), k=2, splits=("train",), say=lambda s: None)
+    (row,) = res["cases"]
+    assert (row["split"], row["fault"], row["n"], row["c"], row["error"]) == ("train", "pod-fail", 2, 0, None)
+    assert res["table"]["train"]["pod-fail"]["pass@2"] == 0.0
+    assert json.loads((tmp_path / "passk.json").read_text())["k"] == 2
 
 
-@pytest.mark.parametrize("fresh, stale", [
-    (RECORDED.replace("641.9", "577.0"), []),                                  # only measurements changed
-    (RECORDED.replace("198.18.1.2", "198.18.2.2"), []),                        # an address the fix does not need
-    (RECORDED.replace("run-r78f7a135acfc429db37045feb6c00518", "run-r0123"),
-     ["run-r78f7a135acfc429db37045feb6c00518.service"]),                       # a new transient unit
-    (RECORDED.replace("198.18.1.", "198.18.2."), ["198.18.1.3"]),              # another sandbox's subnet
-    (RECORDED.replace("pid 88", "pid 91"), ["pid 88"]),
-    ("", ["198.18.1.3", "pid 88", "run-r78f7a135acfc429db37045feb6c00518.service"]),
-])
-def test_a_prompt_naming_what_the_fix_needs_and_the_judged_episode_lacks_is_stale(fresh, stale):
-    from e2e_reme.train.rl import stale_identifiers
-    assert stale_identifiers(RECORDED, fresh, EXPERT) == stale
+def test_the_generation_limit_is_above_the_longest_expert_answer(config_file):
+    from e2e_reme.train.errors import TrainError
+    from e2e_reme.train.rl import training_cases
+    from e2e_reme.train.rl_config import check_generation_limit
+    config = load_config(config_file)
+    answers = [c["expert"] for c in training_cases(config)]
+    longest = check_generation_limit(config, answers)
+    assert 16 < longest <= MAX_TOKENS
+    with pytest.raises(TrainError, match=f"longest expert answer.*{longest} tokens"):
+        check_generation_limit(load_config(config_file, [f"rollout.max_tokens={longest - 1}"]), answers)
+
+
+def test_the_gpu_config_gives_the_rollout_actor_its_gpu_and_the_cpu_config_none():
+    gpu = actor_options(load_config(ROOT / "configs" / "rl-gpu-example.yaml"))
+    assert gpu["rollout"]["num_gpus"] == 1 and gpu["trainer"]["num_gpus"] == 1
+    cpu = actor_options(load_config(ROOT / "configs" / "rl-cpu.yaml"))
+    assert cpu["rollout"]["num_gpus"] == 0 and cpu["trainer"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert load_config(ROOT / "configs" / "rl-cpu.yaml").rollout.max_tokens == 768

@@ -92,3 +92,19 @@ def test_the_kl_to_the_reference_is_zero_at_the_reference_and_positive_elsewhere
 def test_an_unknown_algorithm_names_the_choices():
     with pytest.raises(ValueError, match="grpo, reinforce"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), algorithm="ppo")
+
+
+@pytest.mark.parametrize("n, c, k, want", [(8, 0, 8, 0.0), (8, 1, 8, 1.0), (8, 1, 1, 1 / 8), (8, 2, 2, 1 - 15 / 28),
+                                           (4, 4, 2, 1.0), (10, 3, 5, 1 - 21 / 252)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k, want):
+    from e2e_reme.train.passk import pass_at_k
+    assert pass_at_k(n, c, k) == pytest.approx(want)
+
+
+def test_pass_at_k_needs_k_samples():
+    from e2e_reme.train.passk import pass_at_k, summarize
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(2, 1, 3)
+    rows = [{"split": "train", "fault": "pod-fail", "n": 4, "c": 1}, {"split": "train", "fault": "pod-fail", "n": 1, "c": 1}]
+    t = summarize(rows, 2)["train"]["pod-fail"]
+    assert t["cases"] == 2 and t["pass@2"] == pytest.approx(0.5) and t["pass@1"] == pytest.approx((0.25 + 1) / 2)

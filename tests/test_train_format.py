@@ -210,6 +210,9 @@ def _evidence_from_lines(lines: list[str]) -> dict:
         elif m := re.match(r"(qdiscs|nft rules that drop): (.*)$", line):
             key = "qdiscs" if m.group(1) == "qdiscs" else "nft_ruleset"
             ev.setdefault("network", {})[key] = [] if m.group(2) == "none" else m.group(2).split("; ")
+        elif m := re.match(r"config (\S+) names: (.*)$", line):
+            ev["config"] = {"path": m.group(1), "dependencies": {
+                n: {"host": h, "port": int(p)} for n, h, p in re.findall(r"(\S+) at (\S+):(\d+)", m.group(2))}}
         elif m := re.match(r"disk of \S+: mounted at (\S+) ", line):
             ev.setdefault("disk", {})["mount_point"] = m.group(1)
         elif m := re.match(r"largest files: (.*)$", line):

@@ -153,3 +153,60 @@ def test_vllm_has_the_same_contract(engine, prompts):
         assert c.prompt_ids == prompt_ids(v.tokenizer, msgs)
         ref = forward_logprobs(engine.model, c.prompt_ids, c.completion_ids)
         assert torch.allclose(torch.tensor(c.logprobs), ref, atol=5e-2)
+
+
+def test_an_answer_that_loops_is_stopped_where_the_loop_shows_and_named(engine, prompts):
+    from e2e_reme.train.rollout import looping
+    free = engine.generate(prompts, SamplingParams(max_tokens=240))
+    stopped = engine.generate(prompts, SamplingParams(max_tokens=240, loop_span=32))
+    loops = 0
+    for (f,), (s,) in zip(free, stopped):
+        first = next((k for k in range(33, len(f.completion_ids) + 1) if looping(f.completion_ids[:k], 32)), None)
+        if first is None:                       # it never looped: the rule changed nothing
+            assert s.completion_ids == f.completion_ids and s.finish_reason == f.finish_reason
+            continue
+        loops += 1
+        assert s.finish_reason == "repetition"
+        assert s.completion_ids == f.completion_ids[:len(s.completion_ids)]
+        assert first <= len(s.completion_ids) <= first + 8 and looping(s.completion_ids, 32)
+    assert loops, "a random tiny model decoding greedily is expected to loop on one of these prompts"
+
+
+def test_a_policy_whose_answer_loops_fails_at_generation_with_the_output_kept(engine, prompts):
+    from e2e_reme.train.rollout import EngineChatModel
+    r = EngineChatModel(engine, loop_span=32).chat(prompts[0], max_tokens=240)
+    free = EngineChatModel(engine).chat(prompts[0], max_tokens=240)
+    assert r.finish_reason in ("repetition", free.finish_reason)
+    assert r.raw["completion_ids"] == free.raw["completion_ids"][:len(r.raw["completion_ids"])]
+
+
+def test_concurrent_requests_of_joined_workers_are_generated_as_one_batch(engine, prompts):
+    import threading
+    import time as _time
+    from e2e_reme.train.rollout import GatheredChatModel
+    chat = GatheredChatModel(engine, max_wait_s=30)
+    alone = [EngineChatModel(engine).chat(m, max_tokens=6) for m in prompts]
+    got: dict[int, object] = {}
+    ready = threading.Barrier(len(prompts) + 1)
+
+    def worker(i):
+        chat.join()
+        ready.wait()
+        _time.sleep(0.3 * i)                    # they reach the model at different times
+        got[i] = chat.chat(prompts[i], max_tokens=6)
+
+    def quitter():                               # joins, then ends without asking: nobody waits for it
+        chat.join()
+        ready.wait()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    threads.append(threading.Thread(target=quitter))
+    t0 = _time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert _time.monotonic() - t0 < 25          # not the 30 s a missing worker would cost
+    assert chat.batches == [len(prompts)]
+    for i, r in got.items():
+        assert r.raw["prompt_ids"] == alone[i].raw["prompt_ids"]
+        assert r.completion_tokens == len(r.raw["completion_ids"]) <= 6

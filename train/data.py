@@ -6,6 +6,9 @@ JSONL file, or a directory holding any number of those, read through the campaig
 store (`simulators.campaign.RecordStore`). An SFT trace is an episode of the
 expert runbook policy that the verifier judged a success: its full-detail report and the
 playbook that fixed the live system.
+Operator reviews (`data.reviews`: `remed review export` directories, serve/review_export.py)
+add demonstrations of policy "review": a served model's playbook an operator approved and
+the verifier confirmed on a live sandbox, held out by their report's system and service too.
 
 Held out. Only the train split is trained on (train/splits.py, configs/splits.yaml or
 `data.splits`): episodes of a validation or test system, or whose faulty service is a
@@ -76,6 +79,8 @@ class DataConfig:
     holdout: HoldoutConfig = HoldoutConfig()   # held out on top of the splits' validation and test
     augment: AugmentConfig = AugmentConfig()
     max_len: int = 4096                # prompt + answer tokens; longer examples are left out (counted)
+    reviews: tuple[str, ...] = ()      # `remed review export` directories: their verified demonstrations
+                                       # (policy "review") are traces too, split-checked like the rest
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
@@ -98,6 +103,24 @@ def read_episodes(paths: Iterable[str | Path]) -> list[dict]:
     return out
 
 
+REVIEW_POLICY = "review"              # the policy of a review demonstration (serve/review_export.py)
+
+
+def read_reviews(paths: Iterable[str | Path]) -> list[dict]:
+    """The verified demonstrations of `remed review export` directories (each holds
+    demonstrations/episodes.jsonl; the JSONL file itself may be named): episode records of
+    policy "review", an operator-approved playbook the verifier confirmed on a live sandbox."""
+    out = []
+    for path in paths:
+        p = Path(path)
+        src = p / "demonstrations" if (p / "demonstrations").is_dir() else p
+        if not (src.is_file() or (src / "episodes.jsonl").is_file()):
+            raise TrainError(f"data.reviews: {path} is not a review export (no demonstrations/episodes.jsonl); "
+                             f"write one with `remed review export --db runs/serve/review.sqlite --out {path}`")
+        out += [r for r in read_episodes([src]) if r.get("policy") == REVIEW_POLICY]
+    return out
+
+
 def is_trace(rec: Mapping[str, Any], policy: str = "runbook") -> bool:
     """A verified expert trace: the policy's episode, judged a success, from a full report,
     with the playbook that ran."""
@@ -109,6 +132,13 @@ def is_trace(rec: Mapping[str, Any], policy: str = "runbook") -> bool:
 def is_held_out(rec: Mapping[str, Any], holdout: HoldoutConfig) -> bool:
     sc = rec.get("scenario") or {}
     return sc.get("system") in holdout.systems or sc.get("target") in holdout.services
+
+
+def _review_held_out(rec: Mapping[str, Any], holdout: HoldoutConfig) -> bool:
+    """A review's case is what its report says (no injected ground truth): held out when the
+    scenario or the report names a held-out system or service."""
+    rep = rec.get("report") or {}
+    return is_held_out(rec, holdout) or rep.get("system") in holdout.systems or rep.get("service") in holdout.services
 
 
 def training_holdout(config: DataConfig) -> HoldoutConfig:
@@ -123,17 +153,23 @@ def training_holdout(config: DataConfig) -> HoldoutConfig:
 def select_traces(records: Iterable[Mapping[str, Any]], config: DataConfig) -> tuple[list, list, dict]:
     """The records trained on (verified traces of the train split, of trained fault types),
     the held-out ones, and how many others were left out and why: the one selection SFT and
-    RL share."""
+    RL share. Review demonstrations (policy "review") count only where `config.reviews` names
+    a source, and are held out by their report's system and service as well."""
     from .splits import load_splits
     splits, holdout = load_splits(config.splits or None), training_holdout(config)
     skipped = {"not a verified trace": 0, "held out": 0, "other fault type": 0, "fault type not trained": 0}
     train, held = [], []
     for rec in records:
         fault = (rec.get("scenario") or {}).get("fault")
-        if not is_trace(rec, config.policy):
+        review = bool(config.reviews) and rec.get("policy") == REVIEW_POLICY
+        if not is_trace(rec, REVIEW_POLICY if review else config.policy):
             skipped["not a verified trace"] += 1
         elif config.faults and fault not in config.faults:
             skipped["other fault type"] += 1
+        elif review and _review_held_out(rec, holdout):
+            key = "review of a validation/test system or service"
+            skipped[key] = skipped.get(key, 0) + 1
+            held.append(rec)
         elif is_held_out(rec, holdout):
             skipped["held out"] += 1
             held.append(rec)
@@ -397,10 +433,12 @@ class SFTData:
     traces: int                         # verified traces trained on
     held_out: list[dict]                # records of held-out systems/services (not trained on)
     skipped: dict[str, int]             # why other records were not used
+    reviews: int = 0                    # of the traces, review demonstrations (data.reviews)
 
     def stats(self) -> dict:
         by = lambda key: dict(sorted(_count(e.meta.get(key) for e in self.train).items(), key=lambda kv: str(kv[0])))
-        return {"examples": len(self.train), "traces": self.traces, "held_out_records": len(self.held_out),
+        return {"examples": len(self.train), "traces": self.traces, "reviews": self.reviews,
+                "held_out_records": len(self.held_out),
                 "skipped": self.skipped, "by_fault": by("fault"), "by_system": by("system"),
                 "by_level": by("level")}
 
@@ -414,7 +452,7 @@ def _count(values: Iterable[Any]) -> dict:
 
 def build_sft_data(config: DataConfig) -> SFTData:
     """Read, filter, hold out, augment: the examples SFT trains on."""
-    records = read_episodes(config.episodes)
+    records = read_episodes(config.episodes) + read_reviews(config.reviews)
     if not records:
         raise NoTrainingData(
             f"no episode records under {', '.join(config.episodes) or '(no paths)'}; collect expert traces first: "
@@ -426,7 +464,7 @@ def build_sft_data(config: DataConfig) -> SFTData:
                              f"validation and test, data.holdout) of a trained fault type ({skipped})")
     holdout = training_holdout(config)
     examples = [e for rec in train for e in augment_trace(rec, config.augment, holdout)]
-    return SFTData(examples, len(train), held, skipped)
+    return SFTData(examples, len(train), held, skipped, sum(r.get("policy") == REVIEW_POLICY for r in train))
 
 
 def corpus_texts(examples: Iterable[Example], max_copy: int | None = 8) -> Iterator[str]:

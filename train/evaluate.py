@@ -55,6 +55,13 @@ class EvalConfig:
     verify_load: bool = True
     engine: str = "transformers"       # transformers | vllm | auto
     sandbox_prefix: str = "eval"
+    parallel: int = 4                  # sandboxes side by side, each with its case's fault live; the
+                                       # model generates their answers together, as one batch
+    max_wait_s: float = 60.0           # how long an answer waits for the other sandboxes' to batch with
+    loop_span: int = 96                # an answer repeating one block for this many tokens is stopped: the
+                                       # policy's failure (GenerationLoop); 0: off
+    shots: int = 0                     # few-shot: verified expert examples shown before the report
+    shots_from: tuple[str, ...] = ("runs/sft-data",)   # where those come from (train-split traces only)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EvalConfig":
@@ -70,12 +77,40 @@ def eval_cases(config: EvalConfig, splits=None) -> tuple[list, list[dict]]:
     return cases, [s.to_dict() for s in skipped]
 
 
-def make_eval_policy(model_dir: str | Path, config: EvalConfig):
-    """SoloGen over the rollout engine: the benchmark's prompt, the record keeps ids and logprobs."""
+def make_eval_policy(model_dir: str | Path, config: EvalConfig, examples: tuple = ()):
+    """SoloGen over the rollout engine (the benchmark's prompt, with `examples` shown first;
+    the record keeps ids and logprobs), its requests from the parallel sandboxes batched."""
     from e2e_reme.simulators.policies.solo import SoloGen
-    from .rollout import EngineChatModel, make_engine
-    engine = make_engine(str(model_dir), kind=config.engine)
-    return SoloGen(EngineChatModel(engine), temperature=config.temperature, max_tokens=config.max_tokens)
+    from .rollout import GatheredChatModel, make_engine
+    engine = make_engine(str(model_dir), kind=config.engine, batch_size=max(1, config.parallel))
+    chat = GatheredChatModel(engine, loop_span=config.loop_span, max_wait_s=config.max_wait_s)
+    return SoloGen(chat, temperature=config.temperature, max_tokens=config.max_tokens, examples=examples)
+
+
+def few_shot_examples(dirs, n: int, splits) -> tuple:
+    """`n` verified expert traces of the train split as (report, answer) pairs: the shortest
+    answer of each fault type, shortest first, one per fault type. Refused where there are
+    fewer than `n` (collect traces first)."""
+    from e2e_reme.simulators.campaign import RecordStore
+    from .data import is_trace
+    from .format import answer_text
+    from .splits import split_of_record
+    if n <= 0:
+        return ()
+    best: dict[str, tuple[str, dict]] = {}
+    for d in dirs:
+        for store in RecordStore.find(d):
+            for rec in store:
+                if not is_trace(rec) or split_of_record(rec, splits) != "train":
+                    continue
+                fault, answer = rec["scenario"]["fault"], answer_text(rec["playbook"])
+                if fault not in best or len(answer) < len(best[fault][0]):
+                    best[fault] = (answer, rec["report"])
+    if len(best) < n:
+        raise TrainError(f"few-shot: {n} examples of distinct fault types asked, {len(best)} verified train-split "
+                         f"traces found under {', '.join(map(str, dirs))}: run `remed train collect` first")
+    chosen = sorted(best.values(), key=lambda x: len(x[0]))[:n]
+    return tuple((report, answer) for answer, report in chosen)
 
 
 def run_eval(model_dir: str | Path | None, config: EvalConfig, splits, out: str | Path, *,
@@ -106,13 +141,18 @@ def run_eval(model_dir: str | Path | None, config: EvalConfig, splits, out: str 
     store = RecordStore(out)
     store.claim("config.json", {"model": judged, "eval": asdict(config), "command": command,
                                 "splits": {"source": splits.source, "definition": splits.definition_sha256()}},
-                keys=("model", "eval.split", "eval.faults", "eval.seeds", "eval.backend", "splits.definition"),
+                keys=("model", "eval.split", "eval.faults", "eval.seeds", "eval.backend", "eval.shots",
+                      "eval.temperature", "eval.max_tokens", "eval.loop_span", "splits.definition"),
                 what="evaluation")
     todo, _ = store.pending(cases)
     emit("eval_cases", {"total": len(cases), "todo": len(todo), "skipped": len(skipped)})
     if todo:
-        policy = policy or make_eval_policy(model_dir, config)
-        run_local(todo, store, policy=lambda: policy, out_dir=store.dir / "episodes", prefix=config.sandbox_prefix,
+        if policy is None:
+            policy = make_eval_policy(model_dir, config, few_shot_examples(config.shots_from, config.shots, splits))
+        join = getattr(policy, "model", None)
+        join = getattr(join, "join", None) or (lambda: None)
+        run_local(todo, store, policy=lambda: (join(), policy)[1], out_dir=store.dir / "episodes",
+                  prefix=config.sandbox_prefix, parallel=max(1, config.parallel),
                   episode=EpisodeConfig(report_detail=config.report_detail, verify_load=config.verify_load),
                   emit=_eval_events(emit, todo))
     records = store.records(cases)
@@ -157,9 +197,12 @@ def summarize(records: list[dict], skipped: list[dict] = ()) -> dict:
             "skipped": list(skipped)}
 
 
-def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = False) -> dict:
+def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = False,
+            reference: str | None = None) -> dict:
     """Evaluations side by side ({label: results dir}): each one's overall, per-fault and
-    per-set statistics from its records, and one chart with a bar group per label.
+    per-set statistics from its records, and one chart with a bar group per label; the
+    `reference` (default: the first label) against each other one, case by case, with
+    McNemar's exact test (`paired`).
     Evaluations of different cases are refused, because their rates are not comparable;
     with `common`, each is summarised over the cases all of them judged instead."""
     from e2e_reme.simulators.campaign import RecordStore, publish
@@ -178,8 +221,32 @@ def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = Fal
         raise TrainError("the evaluations share no case; evaluate them with the same config")
     order = [i for i in next(iter(records.values())) if i in shared]
     summaries = {label: summarize([recs[i] for i in order]) for label, recs in records.items()}
+    ref = reference or next(iter(records))
+    if ref not in records:
+        raise TrainError(f"reference {ref!r} is not one of the evaluations ({', '.join(records)})")
     results = {"cases": len(order), "common_only": common, "evals": {k: str(v) for k, v in evals.items()},
                "policies": {label: {k: s[k] for k in ("overall", "per_fault", "per_set")}
-                            for label, s in summaries.items()}}
+                            for label, s in summaries.items()},
+               "reference": ref,
+               "paired": {label: mcnemar([records[ref][i] for i in order], [recs[i] for i in order])
+                          for label, recs in records.items() if label != ref}}
     return publish(RecordStore(out), results, {label: s["per_fault"] for label, s in summaries.items()},
                    f"held-out execution success, {len(order)} cases", ylabel="held-out success (95 % CI)")
+
+
+def mcnemar(a: list[Mapping[str, Any]], b: list[Mapping[str, Any]]) -> dict:
+    """McNemar's exact test on paired records of the same cases (a[i] and b[i] judged the same
+    case): `a_only` cases only a fixed, `b_only` only b fixed; p is the two-sided exact
+    binomial probability of a split at least this uneven of the discordant cases under
+    "neither is better" (1.0 without discordant cases). Cases where either side had an
+    infrastructure failure are left out (`excluded`): nobody's policy was judged there."""
+    from math import comb
+    pairs = [(x["outcome"] == "success", y["outcome"] == "success") for x, y in zip(a, b)
+             if "infra_failure" not in (x["outcome"], y["outcome"])]
+    a_only = sum(1 for x, y in pairs if x and not y)
+    b_only = sum(1 for x, y in pairs if y and not x)
+    n, k = a_only + b_only, min(a_only, b_only)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"cases": len(pairs), "excluded": len(a) - len(pairs), "a_only": a_only, "b_only": b_only,
+            "both": sum(1 for x, y in pairs if x and y), "neither": sum(1 for x, y in pairs if not x and not y),
+            "p_value": round(p, 6)}

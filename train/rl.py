@@ -1,34 +1,38 @@
 """Reinforcement fine-tuning of the policy model from the verified outcome of its own
 playbooks, executed in sandboxes: GRPO (or group-relative REINFORCE) on a Ray cluster.
 
-The algorithm. Each step samples `scenarios_per_step` training cases (verified expert
-traces of the training split: a system, a fault, a target and a seed, with the diagnosis
-report the episode produced; held-out systems and services are never seen). The rollout
-worker samples a group of `group_size` completions per case from the current policy,
-keeping prompt ids, completion ids and the sampling logprobs. The judge (cluster/judge.py)
-runs every completion as its own episode on the fleet: the case's sandbox reset, the same
-fault injected, the completion extracted, gated, executed by the jailed controller and
-verified. The reward is the verdict: 1 for a verified fix, 0 for a failure of the policy;
-an episode the infrastructure failed has no reward and is masked out of the loss. Rewards
-become group-relative advantages; groups without signal are dropped (train/objective.py).
-Ray Train workers take one optimizer step on the clipped surrogate (grpo) or on the
-sequence-level REINFORCE loss (reinforce); the new checkpoint is loaded by the rollout
-worker, and the next step begins.
+The algorithm. Each step draws `scenarios_per_step` training cases (verified expert
+traces of the training split only: a system, a fault, a target and a seed; train/data.py
+`select_traces`, so no validation or test system or service is ever drawn). Each case is
+one group, judged on one sandbox (cluster/judge.py `Judge.groups`): the judge observes the
+case there first (reset, inject, the diagnosis report, recover); the rollout worker samples
+`group_size` completions for THAT report (keeping prompt ids, completion ids and the
+sampling logprobs); each completion then runs in the same sandbox after a reset and a
+re-injection, whose report must name the same identifiers (the faults derive them from the
+scenario's seed), else the sample is an infrastructure failure. So a completion is always
+judged against the state its prompt described. The reward is the verdict: 1 for a verified
+fix, 0 for a failure of the policy; an episode the infrastructure failed has no reward and
+is masked out of the loss. Rewards become group-relative advantages (train/objective.py).
+A group whose rewards are all equal teaches nothing: the step draws up to `refill_groups`
+more groups from other cases in its place (dynamic sampling), and a step with nothing to
+learn at all skips its update. The trainer actor takes one optimizer step on the clipped
+surrogate (grpo) or on the sequence-level REINFORCE loss (reinforce), writes a checkpoint,
+and its new weights (with LoRA: the adapter only) go to the rollout worker through Ray's
+object store before the next step.
 
-What was simplified. One optimizer step per batch (no PPO epochs), so the importance ratio
-only corrects for the rollout engine's numerics and for expert answers; one Ray Train fit
-per step (train/rl_workers.py says why); with `rollout.overlap` (on by default) the next
-step's groups are generated while this step's are judged, by the weights before this
-step's update (staleness of one step, which the stored logprobs' ratio accounts for); the
-new weights reach the rollout worker through the object store, but each update is still
-a Ray Train fit that starts its workers and loads the model again (no persistent
-trainer), and there is one rollout worker. `expert_per_group` (0 by
-default) lets the case's verified expert answer join its group, judged like any
-completion (its old logprobs are the current policy's): a guide for a policy that never
-succeeds on its own, off unless configured. The prompt is the report recorded with the
-trace; the judged episode observes the same case afresh, so a sample whose prompt names a
-transient unit, an address or a pid that the fix needs and the fresh episode does not have
-is masked (`stale_prompt`), not scored: its failure would not be the policy's.
+Sound by construction: sampling is at temperature 1 and top-p 1 (the config refuses
+anything else: the engines store the raw distribution's logprobs); generation and update
+alternate (no overlap), so REINFORCE is on-policy and GRPO's ratio only corrects for the
+rollout engine's numerics and for expert answers; `max_tokens` is checked at start against
+the longest expert answer of the training cases.
+
+What was simplified. One optimizer step per batch (no PPO epochs); one trainer actor (one
+GPU, or the CPU) and one rollout worker; the groups of a step run on the fleet's slots side
+by side, each holding its slot from observation to the last episode. `expert_per_group` (0
+by default) lets the expert's answer to the observed report join its group, judged like
+any completion (its old logprobs are the current policy's): a guide for a policy that never
+succeeds on its own, off unless configured. Before a run, `remed train passk` measures
+where the starting model has headroom (train/passk.py).
 
 Launch, on this machine (a local Ray is started when no cluster is given):
 
@@ -44,9 +48,10 @@ config's relative paths (the model, the traces, the output) are:
         python train/rl.py --config configs/rl-cpu.yaml root=$PWD
 
 A rerun of the same command resumes from the last checkpoint in `out`. What a failure
-costs: a lost sandbox host, its episodes (masked); a lost rollout worker, the time to start
-another and generate the step's groups again; a failed update, that step's learning (the
-weights stay, the run goes on); Ctrl-C or `ray job stop`, nothing past the last checkpoint.
+costs: a lost sandbox host, its groups (requeued, observed again); a lost rollout worker,
+the time to start another and answer its groups again; a lost trainer, that step's
+learning (a new one starts from the last checkpoint, the run goes on); Ctrl-C or `ray job
+stop`, nothing past the last checkpoint.
 """
 
 from __future__ import annotations
@@ -56,7 +61,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -73,7 +77,7 @@ if __package__ in (None, ""):      # run as a script (`python train/rl.py`, `ray
 from .errors import NoTrainingData, TrainError
 from .objective import group_advantages
 from .rl_config import RLConfig, load_config
-from .rl_workers import Rollout, latest_checkpoint, step_of, update
+from .rl_workers import latest_checkpoint, step_of
 
 
 # ---- the training cases ---------------------------------------------------------------------------
@@ -97,39 +101,71 @@ def training_cases(config: RLConfig) -> list[dict]:
 
 # ---- one step, phase by phase -------------------------------------------------------------------
 
-# What an answer copies from a report and a new injection of the same scenario may change: a
-# transient unit's name (systemd-run picks it), an address (the sandbox's subnet), a pid.
-_VOLATILE = re.compile(r"\b(?:run-[\w-]+\.service|\d{1,3}(?:\.\d{1,3}){3}|pid \d+)\b")
+def _signal(rewards: list) -> bool:
+    """Whether a group's judged rewards differ (it has something to teach)."""
+    judged = [r for r in rewards if r is not None]
+    return len(judged) >= 2 and len(set(judged)) > 1
 
 
-def stale_identifiers(recorded: str, fresh: str, expert: str) -> list[str]:
-    """The identifiers of the recorded report (the prompt) that the fix needs (the expert's
-    verified answer copies them) and the judged episode's own report does not name: where
-    there are any, a completion answered a state that is no longer there. Identifiers the
-    fix does not need (an address in a journal line) do not count."""
-    now = set(_VOLATILE.findall(fresh))
+def collect_phase(judge, rollout, trainer, cases: list[dict], config: RLConfig, step: int, rng: random.Random,
+                  say) -> tuple[list[dict], dict]:
+    """The step's groups: `scenarios_per_step` cases, each observed, answered by the rollout
+    worker and judged on one sandbox (cluster/judge.py Judge.groups); then, while groups
+    had nothing to teach (every reward equal) and `refill_groups` allows, as many more
+    groups of other cases (dynamic sampling). A group whose rollout worker was lost is
+    answered again by a new one, once. Returns the groups ({"case", "result"}) and counts."""
+    r = config.rollout
+    picked: list[int] = []
 
-    def needed(ident: str) -> bool:        # a pid is copied as its number (`kill 88`)
-        value = ident.removeprefix("pid ")
-        return re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w-]|\.\d)", expert) is not None
+    def draw(n: int) -> list[int]:
+        fresh = [i for i in range(len(cases)) if i not in picked] or list(range(len(cases)))
+        out = [rng.choice(fresh) for _ in range(n)]
+        picked.extend(out)
+        return out
 
-    return sorted({i for i in _VOLATILE.findall(recorded) if i not in now and needed(i)})
+    groups, todo, budget, rounds = [], draw(r.scenarios_per_step), r.refill_groups, 0
+    stats = {"groups_refilled": 0, "groups_failed": 0, "rollout_lost": 0}
+    while todo:
+        rounds += 1
+        answer = rollout.answer(step, config.seed * 100003 + step * 101 + rounds)
+        results = judge.groups([cases[i]["scenario"] for i in todo], answer)
+        lost = [(i, g) for i, g in zip(todo, results) if g.error_class == "AnswerFailed"]
+        if lost and stats["rollout_lost"] == 0:
+            stats["rollout_lost"] += 1
+            rollout.restart(lost[0][1].error, say)
+            rollout.sync(trainer.weights(), None)
+            again = judge.groups([cases[i]["scenario"] for i, _ in lost], rollout.answer(step, config.seed + rounds))
+            results = [again.pop(0) if g.error_class == "AnswerFailed" else g for g in results]
+        for i, g in zip(todo, results):
+            if g.error:
+                stats["groups_failed"] += 1
+                say(f"step {step}: the group of {cases[i]['scenario'].id} was not judged ({g.error_class}: "
+                    f"{g.error[:200]})")
+            groups.append({"case": i, "result": g})
+        without = sum(not _signal([j.reward for j in g["result"].judgements]) for g in groups[-len(todo):]
+                      if not g["result"].error)
+        n = min(budget, without)
+        budget -= n
+        stats["groups_refilled"] += n
+        todo = draw(n) if n else []
+    return groups, stats
 
 
-def judge_phase(judge, cases: list[dict], samples: list[dict]) -> None:
-    """Every sample executed and verified on the fleet; its reward and outcome added. A
-    sample whose prompt names what the fix needs and the judged episode no longer has
-    (stale_identifiers) gets no reward: a failure there says nothing about the policy
-    (docs/train.md, "A known hole"), so it is masked like an infrastructure failure, and a
-    success is not trusted either way."""
-    judged = judge([cases[s["case"]]["scenario"] for s in samples], [s["text"] for s in samples],
-                   [s["completion_ids"] for s in samples])
-    for s, j in zip(samples, judged):
-        s.update(reward=j.reward, outcome=j.outcome, stage=j.stage, reason=j.reason, episode=j.id)
-        case = cases[s["case"]]
-        stale = stale_identifiers(case["report_text"], j.record.get("report_text") or "", case["expert"])
-        if stale and j.reward is not None:
-            s.update(reward=None, outcome="stale_prompt", judged_outcome=j.outcome, stale=stale)
+def group_samples(groups: list[dict]) -> list[dict]:
+    """One sample per judged answer of every group that was judged whole (consecutive per
+    group, `group` its index): the answer's ids and logprobs, its reward and outcome."""
+    samples = []
+    for k, g in enumerate(groups):
+        res = g["result"]
+        if res.error or len(res.judgements) != len(res.answers):
+            continue
+        for a, j in zip(res.answers, res.judgements):
+            samples.append({"group": k, "case": g["case"], "text": a["text"], "prompt_ids": a["prompt_ids"],
+                            "completion_ids": a["completion_ids"], "old_logprobs": a["old_logprobs"],
+                            "expert": a["expert"], "finish_reason": a.get("finish_reason"), "reward": j.reward,
+                            "outcome": j.outcome, "stage": j.stage, "reason": j.reason, "episode": j.id,
+                            "error_class": j.record.get("error_class")})
+    return samples
 
 
 def advantage_phase(samples: list[dict], config: RLConfig) -> dict:
@@ -141,37 +177,45 @@ def advantage_phase(samples: list[dict], config: RLConfig) -> dict:
     return stats
 
 
-def update_phase(config: RLConfig, out: Path, step: int, source: Path, samples: list[dict], say) -> tuple[Path, dict]:
-    """The update; if it fails (a Train worker lost, its node gone), the step's samples are
-    not learned from, the weights stay `source` (no checkpoint for this step: a rerun
-    resumes from the last one), and the run goes on."""
+def update_phase(trainer, out: Path, step: int, source: Path, samples: list[dict], say) -> tuple[Path, dict]:
+    """The update, only where some sample enters the loss (a step with nothing to learn
+    skips it: no optimizer step, no checkpoint). If it fails (the trainer lost, its node
+    gone), the step's samples are not learned from, a new trainer starts from `source`
+    (the last checkpoint), and the run goes on."""
+    if not any(s["keep"] for s in samples):
+        return source, {"update_skipped": True}
     try:
-        return update(config, out, step, source, samples)
-    except Exception as e:       # Ray Train wraps the worker's error: name it, keep going
+        return trainer.update(step, samples)
+    except Exception as e:
         first = (str(e).splitlines() or [""])[0][:200]
         say(f"step {step}: the update failed ({type(e).__name__}: {first}); its samples are not learned from")
+        trainer.restart(source, say)
         return source, {"update_failed": True}
 
 
-def step_metrics(step: int, cases: list[dict], samples: list[dict], adv_stats: dict, upd: dict,
-                 times: dict) -> dict:
+def step_metrics(step: int, cases: list[dict], groups: list[dict], samples: list[dict], adv_stats: dict,
+                 collect: dict, upd: dict, times: dict) -> dict:
     sampled = [s for s in samples if not s["expert"]]
     judged = [s for s in sampled if s["reward"] is not None]
     by_fault: dict[str, list[float]] = {}
     for s in judged:
         by_fault.setdefault(cases[s["case"]]["scenario"].fault, []).append(s["reward"])
     nll = [-lp for s in sampled for lp in s["old_logprobs"]]
+    host = {k: round(sum(g["result"].times.get(k, 0.0) for g in groups), 2) for k in ("observe", "answer", "execute")}
     return {"step": step, "reward": round(sum(s["reward"] for s in judged) / len(judged), 4) if judged else None,
             "success_by_fault": {f: round(sum(v) / len(v), 3) for f, v in sorted(by_fault.items())},
             "expert_reward": [s["reward"] for s in samples if s["expert"]],
             "masked_fraction": round(adv_stats["masked_infrastructure"] / max(1, len(samples)), 4),
-            "masked_stale_prompt": sum(s["outcome"] == "stale_prompt" for s in samples),
-            **{k: v for k, v in adv_stats.items() if k.startswith("groups")},
+            "masked_state_mismatch": sum(s["error_class"] == "StateMismatch" for s in samples),
+            **{k: v for k, v in adv_stats.items() if k.startswith("groups")}, **collect,
+            "groups_with_signal": adv_stats["groups"] - adv_stats["groups_dropped_zero_variance"]
+            - adv_stats["groups_dropped_too_few"],
             "entropy_estimate": round(sum(nll) / len(nll), 4) if nll else None,
             "completion_tokens": sum(len(s["completion_ids"]) for s in sampled),
+            "truncated": sum(s["finish_reason"] == "length" for s in sampled),
             **{k: upd.get(k) for k in ("loss", "clip_fraction", "approx_kl_old", "kl_ref", "grad_norm", "sequences")},
-            "update_failed": bool(upd.get("update_failed")),
-            "time_s": {k: round(v, 2) for k, v in times.items()}}
+            "update_failed": bool(upd.get("update_failed")), "update_skipped": bool(upd.get("update_skipped")),
+            "time_s": {**{k: round(v, 2) for k, v in times.items()}, **{f"host_{k}": v for k, v in host.items()}}}
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -247,8 +291,9 @@ class _Log:
 def run(config: RLConfig, say=print, on_step=None) -> dict:
     """Train (or resume) for `config.steps` steps; return the run's summary. `say` gets
     log lines, `on_step` each step's metrics (a progress display)."""
-    import ray
     from e2e_reme.cluster import Fleet, Judge
+    from .rl_config import check_generation_limit
+    from .rl_workers import Rollout, Trainer
 
     config = config.absolute()
     if not Path(config.model).is_dir():
@@ -259,68 +304,64 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     cases = training_cases(config)
+    longest = check_generation_limit(config, [c["expert"] for c in cases])
     last = latest_checkpoint(out)
     step, source = step_of(last), (last or Path(config.model))
-    say(f"rl: {len(cases)} training cases, {config.objective.algorithm}, from step {step} of {config.steps} "
-        f"({'checkpoint ' + last.name if last else 'the starting model'})")
+    say(f"rl: {len(cases)} training cases (longest expert answer {longest} tokens), {config.objective.algorithm}, "
+        f"from step {step} of {config.steps} ({'checkpoint ' + last.name if last else 'the starting model'})")
     log = _Log(out)
     with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
         judge = Judge(fleet, policy="rl")
-        rollout = Rollout(config, source, out)
-
-        def batch_of(n: int) -> list[dict]:
-            rng = random.Random(f"{config.seed}:{n}")
-            return [rng.choice(cases) for _ in range(config.rollout.scenarios_per_step)]
-
-        overlap = config.rollout.overlap
+        trainer = Trainer(config, source, out)
+        rollout = Rollout(config, out)
         try:
-            pending = None
+            rollout.sync(trainer.weights(), last)     # a resumed run's adapter; a fresh one's is a no-op
             while step < config.steps:
                 step += 1
+                rng = random.Random(f"{config.seed}:{step}")
                 times: dict[str, float] = {}
                 t = time.monotonic()
-                pending = pending or rollout.submit(batch_of(step), step)
-                batch, samples = pending["cases"], rollout.samples(pending, source, say)
-                times["generation"] = time.monotonic() - t      # what the loop waited for its samples
-                # With overlap the next step's groups are generated while this step's run in
-                # sandboxes, by the weights before this step's update (staleness 1): the update's
-                # importance ratio uses the logprobs stored with them.
-                pending = rollout.submit(batch_of(step + 1), step + 1) if overlap and step < config.steps else None
-                t = time.monotonic()
-                judge_phase(judge, batch, samples)
-                times["execution"] = time.monotonic() - t
+                groups, collect = collect_phase(judge, rollout, trainer, cases, config, step, rng, say)
+                times["judge"] = time.monotonic() - t          # observe, generate, execute: interleaved per group
+                samples = group_samples(groups)
                 adv_stats = advantage_phase(samples, config)
                 t = time.monotonic()
-                source, upd = update_phase(config, out, step, source, samples, say)
+                source, upd = update_phase(trainer, out, step, source, samples, say)
                 times["update"] = time.monotonic() - t
-                if pending is not None:       # the worker finishes the next groups before it loads
-                    t = time.monotonic()
-                    refs = [r for r in (pending["groups"], pending["expert_ids"]) if r is not None]
-                    ray.wait(refs, num_returns=len(refs))
-                    times["generation_next"] = time.monotonic() - t
                 t = time.monotonic()
-                if not upd.get("update_failed"):
-                    rollout.sync(source, say)
+                if not upd.get("update_failed") and not upd.get("update_skipped"):
+                    _sync(rollout, trainer, source, say)
                 times["sync"] = time.monotonic() - t
-                m = step_metrics(step, batch, samples, adv_stats, upd, times)
-                m["rollout_restarts"] = rollout.restarts
+                m = step_metrics(step, cases, groups, samples, adv_stats, collect, upd, times)
+                m["rollout_restarts"], m["trainer_restarts"] = rollout.restarts, trainer.restarts
                 log.step(m)
                 if on_step:
                     on_step(m)
                 (out / "samples").mkdir(exist_ok=True)
                 (out / "samples" / f"step-{step:06d}.json").write_text(json.dumps(
                     [{k: v for k, v in s.items() if k != "prompt_ids"} for s in samples], default=str))
-                say(f"step {step}/{config.steps}: reward {m['reward']}, {m['groups_dropped_zero_variance']} of "
-                    f"{m['groups']} group(s) without signal, masked {m['masked_fraction']:.0%}, "
-                    f"gen {times['generation'] + times.get('generation_next', 0):.0f} s, "
-                    f"exec {times['execution']:.0f} s, "
-                    f"update {times['update']:.0f} s, sync {times['sync']:.0f} s")
+                say(f"step {step}/{config.steps}: reward {m['reward']}, {m['groups_with_signal']} of {m['groups']} "
+                    f"group(s) with signal ({m['groups_refilled']} refilled), masked {m['masked_fraction']:.0%}, "
+                    f"judge {times['judge']:.0f} s (generate {m['time_s']['host_answer']:.0f}), "
+                    f"update {times['update']:.0f} s{' (skipped)' if m['update_skipped'] else ''}, "
+                    f"sync {times['sync']:.1f} s")
         finally:
             log.close()
             rollout.close()
+            trainer.close()
     summary = {"steps": step, "checkpoint": str(source), "metrics": str(log.path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _sync(rollout, trainer, checkpoint: Path, say) -> None:
+    """The new weights to the rollout worker (a worker found dead is replaced, then synced)."""
+    import ray
+    try:
+        rollout.sync(trainer.weights(), checkpoint)
+    except ray.exceptions.RayActorError as e:
+        rollout.restart(type(e).__name__, say)
+        rollout.sync(trainer.weights(), checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,17 +17,20 @@ from .sft import LoraConfig
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    scenarios_per_step: int = 2        # training cases per step
+    scenarios_per_step: int = 2        # groups with signal a step aims for (one training case each)
     group_size: int = 4                # completions sampled per case (GRPO's group)
-    expert_per_group: int = 0          # the case's verified expert answer joins its group this many times
-                                       # (judged like any completion; 0: pure on-policy RL)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 512
+    expert_per_group: int = 0          # the case's expert answer (to the observed report) joins its group this
+                                       # many times (judged like any completion; 0: pure on-policy RL)
+    refill_groups: int = 2             # dynamic sampling: at most this many extra groups a step, from other
+                                       # cases, in place of groups whose rewards were all equal
+    temperature: float = 1.0           # must be 1: the stored logprobs are the raw distribution's
+    top_p: float = 1.0                 # must be 1, for the same reason
+    max_tokens: int = 768              # above the longest expert answer of the training cases (checked)
+    loop_span: int = 0                 # > 0: stop a completion that repeats one block (train/rollout.py)
     engine: str = "auto"               # auto | transformers | vllm
     batch_size: int = 8                # sequences per generate() call of the transformers engine
-    overlap: bool = True               # generate the next step's groups while this step's are judged
-                                       # (one step stale; the ratio uses their stored logprobs)
+    cpus: int = 0                      # the rollout worker's CPUs (Ray) and torch threads; 0: the node's cores
+    gpus: float = 0.0                  # the rollout worker's GPUs (vllm: 1)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    workers: int = 1                   # Ray Train workers (DDP replicas)
+    workers: int = 1                   # the trainer is one actor for the run (1 only)
     use_gpu: str = "auto"              # auto | true | false
     threads_per_worker: int = 1
     lr: float = 1e-5
@@ -67,7 +70,8 @@ class RLConfig:
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     update: UpdateConfig = UpdateConfig()
-    fleet: FleetConfig = FleetConfig() # the sandboxes that judge the completions
+    fleet: FleetConfig = FleetConfig(episode_timeout_s=3600.0)   # the sandboxes that judge the completions;
+                                       # a job is a whole group (observe, generate, G episodes): its timeout too
 
     def check(self) -> None:
         r, o, u = self.rollout, self.objective, self.update
@@ -87,6 +91,21 @@ class RLConfig:
             raise TrainError(f"rl config: objective.advantage_scale '{o.advantage_scale}': use {', '.join(SCALES)}")
         if u.use_gpu not in ("auto", "true", "false"):
             raise TrainError(f"rl config: update.use_gpu '{u.use_gpu}': use auto, true or false")
+        if r.temperature != 1.0 or r.top_p != 1.0:
+            raise TrainError(f"rl config: rollout.temperature {r.temperature:g} and top_p {r.top_p:g}: both must be 1; "
+                             "the engines store the log-probabilities of the raw (temperature 1, full) distribution, "
+                             "so any other sampling makes the objective's ratio and REINFORCE's gradient wrong")
+        if r.refill_groups < 0 or r.max_tokens < 1 or r.cpus < 0 or r.gpus < 0:
+            raise TrainError("rl config: rollout.refill_groups, cpus and gpus >= 0, max_tokens >= 1")
+        if r.engine == "vllm" and not r.gpus:
+            raise TrainError("rl config: rollout.engine vllm needs its GPU: set rollout.gpus: 1")
+        if self.fleet.episode_timeout_s < 1200:
+            raise TrainError(f"rl config: fleet.episode_timeout_s {self.fleet.episode_timeout_s:g}: a judge's job is a "
+                             "whole group (observe, generate, one episode per completion); give it 1200 s or more "
+                             "(3600 in configs/rl-cpu.yaml)")
+        if u.workers != 1:
+            raise TrainError(f"rl config: update.workers {u.workers}: the trainer is one actor for the run "
+                             "(one GPU or the CPU); set update.workers: 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,4 +134,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RL
     return replace(cfg, model=str(model_dir(cfg.model)))     # a release: its base + adapter, checked
 
 
-__all__ = ["ObjectiveConfig", "RLConfig", "RolloutConfig", "UpdateConfig", "load_config"]
+def check_generation_limit(config: RLConfig, answers: list[str]) -> int:
+    """The longest of `answers` (the training cases' expert answers) in the model's tokens,
+    end of turn included; a TrainError if `rollout.max_tokens` would cut it: a completion
+    as long as a correct answer would be truncated and fail, and its group carry no signal."""
+    if not answers:
+        return 0
+    from transformers import AutoTokenizer
+    from .format import answer_ids
+    tok = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+    longest = max(len(answer_ids(tok, a)) for a in answers)
+    if longest > config.rollout.max_tokens:
+        raise TrainError(f"rl config: rollout.max_tokens {config.rollout.max_tokens} is below the longest expert answer "
+                         f"of the training cases ({longest} tokens): a correct completion would be cut; raise it "
+                         f"above {longest}")
+    return longest
+
+
+__all__ = ["check_generation_limit", "ObjectiveConfig", "RLConfig", "RolloutConfig", "UpdateConfig", "load_config"]

@@ -20,7 +20,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 def _register() -> None:
     from . import bench, doctor, fault, fleet, image, sandbox, system, verify
     from . import model, release, train
-    from . import lab, serve
+    from . import lab, review, serve
     app.command("doctor", help="What this host can do: backends and fault mechanisms.")(doctor.doctor)
     app.add_typer(image.app, name="image", help="Build and inspect the guest image.")
     app.add_typer(sandbox.app, name="sandbox", help="Create, use and remove sandboxes.")
@@ -34,6 +34,7 @@ def _register() -> None:
     app.add_typer(release.app, name="release", help="Model releases: pack a trained adapter, check, record evaluations.")
     app.add_typer(lab.app, name="lab", help="The bare-metal lab: Terraform provisions hosts into one Ray cluster.")
     app.command("serve", help="Serve the model on Ray Serve: /v1/remediate and an OpenAI-compatible API.")(serve.serve)
+    app.add_typer(review.app, name="review", help="Operator review decisions: list, show, export as training data.")
 
 
 _register()

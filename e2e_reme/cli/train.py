@@ -158,6 +158,29 @@ def rl(ctx: typer.Context,
     console.print(f"[green]checkpoint[/] {summary['checkpoint']}; metrics {summary['metrics']}")
 
 
+@app.command("passk")
+def passk(config_file: Path = typer.Option(..., "--config", help="RL YAML, e.g. configs/rl-cpu.yaml."),
+          k: int = typer.Option(8, "--k", help="pass@k's k."),
+          n: int = typer.Option(None, "--n", help="Samples per case (default k)."),
+          max_cases: int = typer.Option(2, "--max-cases", help="Cases per fault type and split.")) -> None:
+    """Headroom before RL: pass@k at temperature 1 per fault type on the training and validation cases."""
+    from e2e_reme.train.errors import NoTrainingData, TrainError
+    from e2e_reme.train.passk import run_passk
+    from e2e_reme.train.rl_config import load_config
+    try:
+        res = run_passk(load_config(config_file), k=k, n=n, max_cases=max_cases, say=console.log)
+    except (TrainError, NoTrainingData) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    table = Table("split", "fault", "cases", "samples", "successes", "pass@1", f"pass@{k}")
+    for split, faults in res["table"].items():
+        for fault, t in sorted(faults.items()):
+            table.add_row(split, fault, str(t["cases"]), str(t["samples"]), str(t["successes"]),
+                          *(f"{t[x]:.2f}" if t[x] is not None else "-" for x in ("pass@1", f"pass@{k}")))
+    console.print(table)
+    console.print(json.dumps(res["table"]))
+
+
 @app.command("eval")
 def eval_(model: Path = typer.Option(None, "--model", help="The model directory or release (releases/<name>) "
                                                           "to judge."),
@@ -170,6 +193,10 @@ def eval_(model: Path = typer.Option(None, "--model", help="The model directory 
           out: Path = typer.Option(None, "--out", help="Results directory. [<model>/../eval-<split> | "
                                                       "runs/eval-<release or policy>-<split>]"),
           limit: int = typer.Option(None, "--limit", help="At most N cases per set."),
+          shots: int = typer.Option(None, "--shots", help="Few-shot: show N verified train-split expert answers "
+                                                         "first (the config's eval.shots_from). [eval.shots: 0]"),
+          parallel: int = typer.Option(None, "--parallel", "-j", help="Sandboxes side by side; their answers are "
+                                                                      "generated as one batch. [eval.parallel: 4]"),
           json_out: bool = typer.Option(False, "--json")) -> None:
     """Execution success of a model, a release (or the runbook) on a split's cases: real episodes, per fault type
     and failure stage."""
@@ -184,14 +211,20 @@ def eval_(model: Path = typer.Option(None, "--model", help="The model directory 
         _fail(f"--policy {policy}: only the runbook is judged without a model (a model-backed policy takes --model)")
     if split not in (None, "validation", "test"):
         _fail(f"--split {split}: use validation or test (the train split is never evaluated on)")
-    cfg = _sft_config(config_file, {}, {}, {"limit": limit, "split": split, "faults": fault or None})
+    if shots is not None and (shots < 0 or policy):
+        _fail(f"--shots {shots}: a number >= 0, for a model (--model), not a built-in policy")
+    if parallel is not None and parallel < 1:
+        _fail(f"--parallel {parallel}: at least 1 sandbox")
+    cfg = _sft_config(config_file, {}, {}, {"limit": limit, "split": split, "faults": fault or None, "shots": shots,
+                                           "parallel": parallel})
     judged = None
     if policy:
         from e2e_reme.simulators.policies.base import make_policy
         judged = make_policy(policy)
     name = model.resolve().name if model is not None else policy
-    out = out or (model.resolve().parent / f"eval-{cfg.eval.split}" if model is not None and not is_release(model)
-                  else Path(f"runs/eval-{name}-{cfg.eval.split}"))
+    tag = f"{cfg.eval.split}-{cfg.eval.shots}shot" if cfg.eval.shots else cfg.eval.split
+    out = out or (model.resolve().parent / f"eval-{tag}" if model is not None and not is_release(model)
+                  else Path(f"runs/eval-{name}-{tag}"))
     with _progress() as prog:
         try:
             results = run_eval(model, cfg.eval, cfg.data.splits or None, out, policy=judged,
@@ -210,6 +243,8 @@ def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `
                                                       "same held-out cases."),
             out: Path = typer.Option(Path("runs/eval-compare"), "--out", help="Where the table's JSON and chart go."),
             common: bool = typer.Option(False, "--common", help="Compare only the cases all of them judged."),
+            reference: str = typer.Option(None, "--reference", help="The label the paired test compares each "
+                                                                   "other one with. [the first]"),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """Held-out evaluations side by side: success per fault type with 95 % intervals, one chart."""
     from e2e_reme.train.errors import TrainError
@@ -221,7 +256,7 @@ def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `
             _fail(f"{item!r}: write each evaluation as LABEL=DIR, e.g. sft=runs/sft-cpu/eval")
         named[label] = Path(d)
     try:
-        results = compare_evals(named, out, common=common)
+        results = compare_evals(named, out, common=common, reference=reference)
     except TrainError as e:
         _fail(str(e))
     if json_out:
@@ -301,6 +336,15 @@ def print_compare(results: dict) -> None:
         t.add_row(s, *(cell(p["per_set"].get(s)) for p in pols.values()))
     t.add_row("all", *(cell(p["overall"]) for p in pols.values()), style="bold")
     console.print(t)
+    ref = results.get("reference")
+    if results.get("paired"):
+        pt = Table(title=f"paired on the same cases: {ref} against each (McNemar, exact, two-sided)")
+        for c in ("against", "cases", f"only {ref} fixed", "only it fixed", "both", "neither", "p"):
+            pt.add_column(c, justify="right")
+        for label, m in results["paired"].items():
+            pt.add_row(label, str(m["cases"]), str(m["a_only"]), str(m["b_only"]), str(m["both"]), str(m["neither"]),
+                       f"{m['p_value']:.4f}")
+        console.print(pt)
     if results.get("chart"):
         console.print(f"chart: {results['chart']}")
 

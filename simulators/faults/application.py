@@ -15,7 +15,8 @@ import re
 import shlex
 
 from e2e_reme.simulators.errors import FaultError, FaultUnavailable
-from e2e_reme.simulators.faults.base import TAG, enforced_limits, register_fault, unit_cgroup_pids_script
+from e2e_reme.simulators.faults.base import (TAG, enforced_limits, register_fault, seeded_unit_name,
+                                             unit_cgroup_pids_script)
 from e2e_reme.simulators.faults.network import _DependencyMixin
 from e2e_reme.simulators.faults.resource import _Observed
 
@@ -308,8 +309,9 @@ class PortTaken(_Observed):
     def _inject(self, sb) -> None:
         t = self.target
         u = shlex.quote(t.unit)
-        self.sh(sb, f"systemctl stop {u}; "
-                    f"systemd-run --quiet --collect -E {TAG}={self.id} "
+        squatter = seeded_unit_name(self)        # the scenario's, not systemd-run's random one
+        self.sh(sb, f"systemctl stop {u}; systemctl reset-failed {squatter} 2>/dev/null; "
+                    f"systemd-run --quiet --collect --unit={squatter} -E {TAG}={self.id} "
                     f"python3 -m http.server {t.port} --bind 0.0.0.0 --directory /var/tmp; "
                     f"for i in $(seq 50); do ss -Hltn 'sport = :{t.port}' | grep -q . && break; sleep 0.1; done; "
                     f"ss -Hltn 'sport = :{t.port}' | grep -q . || {{ echo 'the squatter did not listen' >&2; exit 4; }}; "

@@ -477,6 +477,27 @@ def start_detached(fault_id: str, command: str, *, in_unit: str | None = None,
             f"[ -n \"$p\" ] || {{ echo 'the process did not start (or died at once)' >&2; exit 4; }}")
 
 
+def _scenario_rng(fault: "Fault", what: str) -> random.Random:
+    """A generator of the fault's scenario (seed, fault, service) for one purpose, apart
+    from `fault.rng` so that drawing a name never shifts the fault's other choices."""
+    return random.Random(f"{fault.seed}:{fault.name}:{fault.target.service}:{what}")
+
+
+def seeded_unit_name(fault: "Fault") -> str:
+    """A transient unit's name in systemd-run's own shape (`run-r<32 hex>.service`), derived
+    from the scenario instead of chance: every injection of one scenario, in any sandbox,
+    shows the same unit in its report (what an answer copies to stop it)."""
+    return f"run-r{_scenario_rng(fault, 'unit').getrandbits(128):032x}.service"
+
+
+def seeded_date(fault: "Fault") -> str:
+    """A date (YYYYMMDD, within 2025) for names that look dated, derived from the scenario
+    instead of the clock: the same name today, tomorrow and on every re-injection."""
+    import datetime
+    day = datetime.date(2025, 1, 1) + datetime.timedelta(days=_scenario_rng(fault, "date").randrange(365))
+    return day.strftime("%Y%m%d")
+
+
 def unit_cgroup_pids_script(unit: str) -> str:
     u = shlex.quote(unit)
     return (f"cg=$(systemctl show -p ControlGroup --value {u}); [ -n \"$cg\" ] || exit 0; "

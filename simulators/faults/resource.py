@@ -32,7 +32,7 @@ import shlex
 import time
 
 from e2e_reme.simulators.errors import FaultError, FaultUnavailable
-from e2e_reme.simulators.faults.base import TAG, Fault, register_fault, start_detached
+from e2e_reme.simulators.faults.base import TAG, Fault, register_fault, seeded_date, seeded_unit_name, start_detached
 from e2e_reme.simulators.faults.observe import SECTION_KEYS, observe, symptoms
 
 # Below this much free space the data dir's filesystem counts as full: the runtime's
@@ -131,7 +131,12 @@ class MemoryStress(_Stressor):
         workers = max(1, int(self.params["workers"]))
         self.params["_effective_mib"] = mib
         # stress-ng shares --vm-bytes out among the workers.
-        cmd = (f"systemd-run --quiet --collect -E {TAG}={self.id} "
+        # The transient unit's name is the scenario's (seeded), in systemd-run's own shape
+        # (run-r<32 hex>): the same injection names the same unit wherever and whenever it
+        # runs, so a report and a later re-injection agree (train/rl.py judges that way).
+        unit = seeded_unit_name(self)
+        cmd = (f"systemctl reset-failed {unit} 2>/dev/null; "
+               f"systemd-run --quiet --collect --unit={unit} -E {TAG}={self.id} "
                f"stress-ng --vm {workers} --vm-bytes {mib}M --vm-keep --keep-name "
                f"--timeout {int(self.params['max_duration_s'])}s --quiet")
         self.sh(sb, cmd)
@@ -297,8 +302,10 @@ class DiskFull(_FullDisk):
 
     def _inject(self, sb) -> None:
         if not self.params["file"]:
-            name = self.rng.choice(self.STRAYS).format(date=time.strftime("%Y%m%d"),
-                                                         pid=self.rng.randint(1000, 60000))
+            # Named from the scenario's seed, never from today's date: a re-injection (or the
+            # same case on another day) leaves the same file name in the report.
+            pattern, pid = self.rng.choice(self.STRAYS), self.rng.randint(1000, 60000)
+            name = pattern.format(date=seeded_date(self), pid=pid)
             self.params["file"] = name
         path = f"{self.target.data_dir.rstrip('/')}/{self.params['file']}"
         p = shlex.quote(path)

@@ -26,6 +26,14 @@ drop-ins, stray files, squatters, wrong config entries) and leaves the service a
 healthy, checking /health (or PING) at the end. Where the evidence is missing a fact the
 fix needs, a task finds it on the node instead.
 
+The answers are what a senior engineer would write, and what a small model is taught
+(issue 29): Ansible modules before scripts (systemd_service, file, find, lineinfile,
+slurp + copy, uri, command), as short as the fix allows; a stress worker in the unit's
+cgroup goes with a restart, an nftables rule is deleted by its handle from `nft -j`'s
+listing, a config entry is put back with `combine`. A shell script appears only in the
+fallbacks for a report that does not name what to act on. The answers' lengths over real
+reports: `bench/expert_lengths.py` (bench/results/expert_lengths.json).
+
     yaml_text = expert_playbook(report)       # a list of plays, as YAML text
     plays = expert_plays(report)              # the same as Python data
 """
@@ -33,6 +41,7 @@ fix needs, a task finds it on the node instead.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -100,19 +109,22 @@ def expert_plays(report: RunbookInput | Mapping[str, Any]) -> list[dict]:
         for t in fix(r, ev):
             if t not in tasks:   # two parts may share a step (daemon-reload, a restart)
                 tasks.append(t)
-    tasks += _verify(r)
+    tasks += _verify(r, tasks)
     return [{"name": f"Remediate {r.fault_kind} on {r.service}", "hosts": r.node, "gather_facts": False,
              "tasks": tasks}]
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (shell scripts) as literal blocks: the playbook reads as written."""
+    """Multi-line strings (the few shell scripts) as literal blocks: the playbook reads as written."""
 
 
 def _str(dumper: yaml.SafeDumper, s: str):
     if "\n" in s:
         s = "\n".join(l.rstrip() for l in s.splitlines()) + ("\n" if s.endswith("\n") else "")
         return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|")
+    if s.startswith("{{") and "'" in s:
+        # A template with Jinja string literals: double quotes, not '' doubled inside single ones.
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style='"')
     return dumper.represent_scalar("tag:yaml.org,2002:str", s)
 
 
@@ -121,7 +133,8 @@ _Dumper.add_representer(str, _str)
 
 def expert_playbook(report: RunbookInput | Mapping[str, Any]) -> str:
     """The playbook as YAML text: a list of plays."""
-    return yaml.dump(expert_plays(report), Dumper=_Dumper, sort_keys=False, width=120)
+    # One line per value however long: a folded line is one more thing for a model to learn.
+    return yaml.dump(expert_plays(report), Dumper=_Dumper, sort_keys=False, width=1 << 16)
 
 
 def _parts(r: RunbookInput) -> tuple[list[str], list[Mapping[str, Any]]]:
@@ -134,63 +147,46 @@ def _parts(r: RunbookInput) -> tuple[list[str], list[Mapping[str, Any]]]:
 
 
 # ---- building blocks ------------------------------------------------------------------------
+#
+# Modules first (systemd_service, file, find, lineinfile, slurp + copy, uri, command with the
+# command itself); a shell script only where no module does the job and the report did not
+# name what to act on (the fallbacks that find the cause on the node).
+
+def _task(name: str, module: str, args: Any, **kw) -> dict:
+    return {"name": name, f"ansible.builtin.{module}": args, **kw}
+
 
 def _shell(name: str, script: str, **kw) -> dict:
-    return {"name": name, "ansible.builtin.shell": script, **kw}
+    return _task(name, "shell", script, **kw)
 
 
-def _restart(r: RunbookInput, reload: bool = False) -> list[dict]:
-    tasks = []
-    if reload:
-        tasks.append({"name": "Reload systemd's view of the unit files",
-                      "ansible.builtin.systemd_service": {"daemon_reload": True}})
-    tasks.append({"name": f"Clear the failed state of {r.unit}",
-                  "ansible.builtin.command": f"systemctl reset-failed {r.unit}",
-                  "changed_when": False, "failed_when": False})
-    tasks.append({"name": f"Restart {r.unit}",
-                  "ansible.builtin.systemd_service": {"name": r.unit, "state": "restarted"}})
-    return tasks
+def _reset_failed(r: RunbookInput) -> dict:
+    # A unit that crash-looped past its start limit refuses a plain (re)start.
+    return _task("Clear the unit's failed state", "command", f"systemctl reset-failed {r.unit}", changed_when=False)
 
 
-def _verify(r: RunbookInput) -> list[dict]:
-    tasks = [{"name": f"{r.unit} is running",
-              "ansible.builtin.systemd_service": {"name": r.unit, "state": "started"}}]
+def _restart(r: RunbookInput, reload: bool = False, reset: bool = True, why: str = "") -> list[dict]:
+    args = {"name": r.unit, "state": "restarted", **({"daemon_reload": True} if reload else {})}
+    return ([_reset_failed(r)] if reset else []) + [_task(f"Restart the service{why}", "systemd_service", args)]
+
+
+def _starts_unit(r: RunbookInput, tasks: list[dict]) -> bool:
+    return any((t.get("ansible.builtin.systemd_service") or {}).get("name") == r.unit
+               and (t["ansible.builtin.systemd_service"].get("state") in ("started", "restarted")) for t in tasks)
+
+
+def _verify(r: RunbookInput, tasks: list[dict]) -> list[dict]:
+    """The service is up and answers; a unit no task (re)started is started first."""
+    out = [] if _starts_unit(r, tasks) else [
+        _task("The service is running", "systemd_service", {"name": r.unit, "state": "started"})]
     if r.kind == "redis" or not r.health_path:
-        tasks.append({"name": f"{r.service} answers PING", "ansible.builtin.command": f"redis-cli -p {r.port} ping",
-                      "register": "ping", "until": "ping.stdout == 'PONG'", "retries": 30, "delay": 1,
-                      "changed_when": False})
+        out.append(_task(f"{r.service} answers PING", "command", f"redis-cli -p {r.port} ping", register="ping",
+                         until="ping.stdout == 'PONG'", retries=30, delay=1, changed_when=False))
     else:
-        tasks.append({"name": f"{r.service} is healthy",
-                      "ansible.builtin.uri": {"url": f"http://{{{{ ansible_host }}}}:{r.port}{r.health_path}",
-                                              "status_code": 200, "timeout": 3},
-                      "register": "health", "until": "health.status == 200", "retries": 30, "delay": 1})
-    return tasks
-
-
-def _cgroup_procs_snippet(unit: str) -> str:
-    # The named systemd hierarchy first: in a container on a v1/hybrid host the unified one
-    # may be shared with other containers, whose processes it lists as pid 0 (and `kill 0`
-    # would kill our own process group). Pid 0 is never a process of ours.
-    return (f'cg=$(systemctl show -p ControlGroup --value {unit})\n'
-            'procs=""\n'
-            'for d in /sys/fs/cgroup/systemd /sys/fs/cgroup /sys/fs/cgroup/unified; do\n'
-            '  if [ -n "$cg" ] && [ -f "$d$cg/cgroup.procs" ]; then procs=$(grep -vx 0 "$d$cg/cgroup.procs"); break; fi\n'
-            'done\n')
-
-
-def _kill_extra_in_cgroup(r: RunbookInput, why: str) -> dict:
-    """Kill every process in the unit's cgroup but its main one (the service itself)."""
-    script = (f"main=$(systemctl show -p MainPID --value {r.unit})\n"
-              "for i in 1 2 3 4 5 6 7 8 9 10; do\n"
-              + "".join("  " + l + "\n" for l in _cgroup_procs_snippet(r.unit).splitlines())
-              + '  extra=""\n'
-              '  for p in $procs; do [ "$p" != "$main" ] && extra="$extra $p"; done\n'
-              '  [ -z "$extra" ] && exit 0\n'
-              '  kill -KILL $extra 2>/dev/null\n'
-              '  sleep 0.3\n'
-              "done\n"
-              "echo \"still there:$extra\" >&2; exit 1\n")
-    return _shell(f"Kill the {why} inside {r.unit}'s cgroup (all but its main process)", script)
+        out.append(_task(f"{r.service} is healthy", "uri",
+                         {"url": f"http://{{{{ ansible_host }}}}:{r.port}{r.health_path}", "timeout": 3},
+                         register="health", until="health.status == 200", retries=30, delay=1))
+    return out
 
 
 def _is_protected(unit: str | None, r: RunbookInput) -> bool:
@@ -208,12 +204,14 @@ def _stop_processes(r: RunbookInput, procs: list[Mapping[str, Any]], what: str) 
             if unit not in units:
                 units.append(unit)
         elif p.get("pid") and unit != r.unit:
-            pids.append(int(p["pid"]))
-    for u in units:
-        tasks.append({"name": f"Stop {u}, the {what}", "ansible.builtin.systemd_service": {"name": u, "state": "stopped"}})
+            pids.append(str(int(p["pid"])))
+    for i, u in enumerate(units):
+        tasks.append(_task(f"Stop the {what}" + (f" ({i + 1})" if i else ""), "systemd_service",
+                           {"name": u, "state": "stopped"}))
     if pids:
-        tasks.append(_shell(f"Kill the {what} ({', '.join(map(str, pids))})",
-                            f"kill -KILL {' '.join(map(str, pids))} 2>/dev/null; true"))
+        # A pid may have gone with a unit stopped before it.
+        tasks.append(_task(f"Kill the {what} outside any unit", "command", f"kill -KILL {' '.join(pids)}",
+                           failed_when=False))
     return tasks
 
 
@@ -260,14 +258,14 @@ def _fix_dropins(r: RunbookInput, ev: Mapping[str, Any], is_bad: Callable[[str],
         # "ExecStart=" (empty) only resets the list before a new ExecStart: it goes with it.
         rest = [s for s in settings if s not in bad and not (what == "release" and s.replace(" ", "") == "ExecStart=")]
         if not rest:
-            tasks.append({"name": f"Remove the drop-in {d['path']} ({'; '.join(bad)})",
-                          "ansible.builtin.file": {"path": d["path"], "state": "absent"}})
+            label = "that starts the new release" if what == "release" else f"with {'; '.join(bad)}"
+            tasks.append(_task(f"Remove the drop-in {label}", "file",
+                               {"path": d["path"], "state": "absent"}))
         else:
             for s in bad:
                 k, _ = _kv(s)
-                tasks.append({"name": f"Remove {s} from {d['path']}",
-                              "ansible.builtin.lineinfile": {"path": d["path"], "regexp": f"^\\s*{k}\\s*=",
-                                                              "state": "absent"}})
+                tasks.append(_task(f"Remove {s} from its drop-in", "lineinfile",
+                                   {"path": d["path"], "regexp": f"^\\s*{k}\\s*=", "state": "absent"}))
     if not tasks:
         # The report did not show the drop-ins: find the offending lines on the node.
         if what == "release":
@@ -283,34 +281,22 @@ def _fix_dropins(r: RunbookInput, ev: Mapping[str, Any], is_bad: Callable[[str],
     return tasks
 
 
+# Only where the report did not show the drop-ins: no module compares a limit with a threshold.
 _DROPIN_SWEEP = r'''
-import glob, os, re, sys
+import glob, re, sys
 LIMITS = %s
-def bytes_(v):
-    m = re.fullmatch(r"([\d.]+)([KMGT]?)", v.strip().upper())
-    return float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)] if m else None
-for path in glob.glob(os.path.join(sys.argv[1], "*.conf")):
+def bad(line):
+    k, _, v = line.partition("=")
+    m = re.fullmatch(r"([\d.]+)([KMGT%%]?)", v.strip().upper())
+    if k.strip() not in LIMITS or not m:
+        return False
+    scale = {"": 1, "%%": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    return float(m.group(1)) * scale < LIMITS[k.strip()]
+for path in glob.glob(sys.argv[1] + "/*.conf"):
     lines = open(path).read().splitlines()
-    keep = []
-    for l in lines:
-        k, _, v = l.partition("=")
-        k = k.strip()
-        bad = False
-        if k == "CPUQuota":
-            try:
-                bad = float(v.strip().rstrip("%%")) < LIMITS[k]
-            except ValueError:
-                pass
-        elif k in LIMITS:
-            n = bytes_(v)
-            bad = n is not None and n < LIMITS[k]
-        if not bad:
-            keep.append(l)
+    keep = [l for l in lines if not bad(l)]
     if keep != lines:
-        if [l for l in keep if l.strip() and not l.startswith(("[", "#"))]:
-            open(path, "w").write("\n".join(keep) + "\n")
-        else:
-            os.remove(path)
+        open(path, "w").write("\n".join(keep) + "\n")
         print("fixed", path)
 ''' % json.dumps(PATHOLOGICAL)
 
@@ -318,14 +304,15 @@ for path in glob.glob(os.path.join(sys.argv[1], "*.conf")):
 # ---- the rules, one per fault kind ----------------------------------------------------------
 
 def _cpu_stress(r: RunbookInput, ev) -> list[dict]:
-    return [_kill_extra_in_cgroup(r, "CPU stress workers")]
+    # The workers run in the unit's cgroup: a restart stops every process of it.
+    return _restart(r, reset=False, why=", stopping the CPU workers in its cgroup")
 
 
 def _disk_io(r: RunbookInput, ev) -> list[dict]:
-    return [_kill_extra_in_cgroup(r, "IO stress workers"),
-            _shell(f"Remove the scratch directories the IO workers left in {r.data_dir}",
-                   f"find {r.data_dir} -mindepth 1 -maxdepth 1 -type d -name 'tmp-stress-ng-*' -print "
-                   "-exec rm -rf {} +", register="scratch", changed_when="scratch.stdout != ''")]
+    return _restart(r, reset=False, why=", stopping the IO workers in its cgroup") + [
+        _task("Find the scratch directories the IO workers left", "find",
+              {"paths": r.data_dir, "patterns": "tmp-stress-ng-*", "file_type": "directory"}, register="scratch"),
+        _task("Remove them", "file", {"path": "{{ item.path }}", "state": "absent"}, loop="{{ scratch.files }}")]
 
 
 def _memory_stress(r: RunbookInput, ev) -> list[dict]:
@@ -339,73 +326,56 @@ def _memory_stress(r: RunbookInput, ev) -> list[dict]:
     # by its unit where it has one (a worker pool respawns a single killed worker).
     return [_shell("Stop the processes holding most of the node's memory",
                    "for p in $(ps -eo pid=,rss= --sort=-rss | awk '$2 > 262144 {print $1}'); do\n"
-                   "  [ -d /proc/$p ] || continue   # went with a unit stopped before it\n"
-                   "  cg=$(grep -m1 -E '^0::|name=systemd:' /proc/$p/cgroup 2>/dev/null | cut -d: -f3)\n"
-                   "  u=${cg##*/}\n"
-                   f"  case \"$u\" in {r.unit}|ssh.service|init.scope|systemd-*) continue ;; esac\n"
-                   "  case \"$u\" in\n"
-                   "    *.service|*.scope) systemctl stop \"$u\" && echo \"$u\" ;;\n"
-                   "    *) kill -KILL $p 2>/dev/null && echo $p ;;\n"
-                   "  esac\n"
+                   "  u=$(grep -m1 -E '^0::|name=systemd:' /proc/$p/cgroup 2>/dev/null | grep -oE '[^/]+\\.(service|scope)$')\n"
+                   f"  case \"$u\" in {r.unit}|ssh.service|init.scope|systemd-*) ;;\n"
+                   "    '') kill -KILL $p 2>/dev/null && echo $p ;; *) systemctl stop \"$u\" && echo $u ;; esac\n"
                    "done; true", register="hogs", changed_when="hogs.stdout != ''")]
 
 
 def _netem(r: RunbookInput, ev) -> list[dict]:
+    qdiscs = (ev.get("network") or {}).get("qdiscs") or []
+    devs = sorted({m.group(1) for q in qdiscs if " netem " in f" {q} " for m in [re.search(r"\bdev (\S+)", q)] if m})
+    if devs:
+        return [_task(f"Remove the netem qdisc from {d}", "command", f"tc qdisc del dev {d} root") for d in devs]
     return [_shell("Remove the netem qdiscs from the interfaces that have one",
                    "for d in $(ls /sys/class/net); do\n"
-                   "  if tc qdisc show dev $d | grep -q ' netem '; then tc qdisc del dev $d root && echo $d; fi\n"
-                   "done",
-                   register="qdiscs", changed_when="qdiscs.stdout != ''")]
+                   "  tc qdisc show dev $d | grep -q ' netem ' && tc qdisc del dev $d root && echo $d\n"
+                   "done; true", register="qdiscs", changed_when="qdiscs.stdout != ''")]
 
 
-_NFT_DELETE = r'''
-import json, subprocess, sys
-mode, port, deps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-rs = json.loads(subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, check=True).stdout)
-for item in rs.get("nftables", []):
-    rule = item.get("rule")
-    if not rule:
-        continue
-    text = json.dumps(rule.get("expr", []))
-    drops = '"drop"' in text
-    mine = (f'"right": {port}' in text) or any(f'"{h}"' in text and f'"right": {p}' in text for h, p in deps)
-    if mode == "loss":
-        hit = drops and '"numgen"' in text and mine
-    else:
-        hit = drops and any(f'"{h}"' in text and f'"right": {p}' in text for h, p in deps)
-    if hit:
-        subprocess.run(["nft", "delete", "rule", rule["family"], rule["table"], rule["chain"],
-                        "handle", str(rule["handle"])], check=True)
-        print(f"deleted {rule['family']} {rule['table']} {rule['chain']} handle {rule['handle']}")
-'''
-
-
-def _nft_delete(r: RunbookInput, mode: str, deps: list[tuple[str, int]], name: str) -> dict:
-    arg = json.dumps([[h, p] for h, p in deps])
-    return _shell(name, f"python3 - {mode} {r.port} '{arg}' <<'EOF'\n{_NFT_DELETE.strip()}\nEOF",
-                  register="nft", changed_when="nft.stdout != ''")
+def _nft_delete(name: str, match: str) -> list[dict]:
+    """Delete, by handle, every nftables rule whose JSON form matches the regex `match`
+    (the report shows the rules, not the table they are in)."""
+    return [_task("List the nftables rules", "command", "nft -j list ruleset", register="nft", changed_when=False),
+            _task(name, "command", "nft delete rule {{ item.family }} {{ item.table }} {{ item.chain }} "
+                                   "handle {{ item.handle }}",
+                  loop="{{ (nft.stdout | from_json).nftables | selectattr('rule', 'defined') "
+                       "| map(attribute='rule') | list }}",
+                  when=f"item.expr | to_json is search('{match}')")]
 
 
 def _network_loss(r: RunbookInput, ev) -> list[dict]:
     net = ev.get("network") or {}
     tasks = []
-    if any(" netem " in q for q in net.get("qdiscs") or []) or not net:
+    if any(" netem " in f" {q} " for q in net.get("qdiscs") or []) or not net:
         tasks += _netem(r, ev)
     if any("numgen" in l for l in net.get("nft_ruleset") or []) or not net:
-        deps = [(d["host"], int(d["port"])) for d in r.dependencies.values()]
-        tasks.append(_nft_delete(r, "loss", deps, f"Delete the nftables rules randomly dropping {r.service}'s packets"))
+        mine = "|".join([str(r.port), *sorted({str(d["host"]) for d in r.dependencies.values()})])
+        tasks += _nft_delete("Delete the rules dropping the service's packets at random", f"({mine}).*numgen")
     return tasks
 
 
 def _firewall_drop(r: RunbookInput, ev) -> list[dict]:
-    deps = [(d["host"], int(d["port"])) for d in r.dependencies.values()]
-    return [_nft_delete(r, "firewall", deps, f"Delete the nftables rules dropping {r.service}'s traffic to its dependencies")]
+    deps = [(str(d["host"]), int(d["port"])) for d in r.dependencies.values()]
+    rules = " ".join((ev.get("network") or {}).get("nft_ruleset") or [])
+    shown = [(h, p) for h, p in deps if re.search(rf"daddr {re.escape(h)} .*dport {p} .*drop", rules)]
+    match = "|".join(f"{h}.*{p}" for h, p in shown or deps)
+    return _nft_delete("Delete the rules dropping the service's traffic to its dependencies",
+                       f"({match}).*drop" if len(shown or deps) > 1 else f"{match}.*drop")
 
 
 def _pod_fail(r: RunbookInput, ev) -> list[dict]:
-    return [{"name": f"Clear the failed state of {r.unit}", "ansible.builtin.command": f"systemctl reset-failed {r.unit}",
-             "changed_when": False, "failed_when": False},
-            {"name": f"Start {r.unit}", "ansible.builtin.systemd_service": {"name": r.unit, "state": "started"}}]
+    return [_reset_failed(r), _task("Start the service", "systemd_service", {"name": r.unit, "state": "started"})]
 
 
 def _config_error(r: RunbookInput, ev) -> list[dict]:
@@ -420,51 +390,23 @@ def _bad_release(r: RunbookInput, ev) -> list[dict]:
 
 
 def _hung_process(r: RunbookInput, ev) -> list[dict]:
-    resume = _shell(f"Resume the stopped processes of {r.unit}",
-                    _cgroup_procs_snippet(r.unit)
-                    + "for p in $procs; do\n"
-                    "  s=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f1)\n"
-                    "  [ \"$s\" = T ] && kill -CONT $p && echo $p\n"
-                    "done; true", register="resumed", changed_when="resumed.stdout != ''")
-    if r.kind == "redis" or not r.health_path:
-        return [resume]
-    check = {"name": f"{r.service} answers again",
-             "ansible.builtin.uri": {"url": f"http://{{{{ ansible_host }}}}:{r.port}{r.health_path}",
-                                     "status_code": 200, "timeout": 3},
-             "register": "resumed_health", "until": "resumed_health.status == 200", "retries": 5, "delay": 1}
-    return [{"name": f"Resume {r.service}, restarting it if it stays unresponsive",
-             "block": [resume, check],
-             "rescue": _restart(r)}]
-
-
-_REWRITE_DEPS = r'''
-import json, os, sys, yaml
-path, good = sys.argv[1], json.loads(sys.argv[2])
-cfg = yaml.safe_load(open(path))
-deps = cfg.get("dependencies") or {}
-changed = []
-for name, addr in good.items():
-    cur = deps.get(name)
-    if not isinstance(cur, dict):
-        continue
-    for k in ("host", "port"):
-        if k in addr and cur.get(k) != addr[k]:
-            changed.append(f"{name}.{k}: {cur.get(k)} -> {addr[k]}")
-            cur[k] = addr[k]
-if changed:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=False)
-    os.replace(tmp, path)
-    print("; ".join(changed))
-'''
+    return [_task("Resume the service's stopped processes", "command",
+                  f"systemctl kill --signal=SIGCONT {r.unit}")]
 
 
 def _wrong_dependency(r: RunbookInput, ev) -> list[dict]:
     good = {n: {k: a[k] for k in ("host", "port") if k in a} for n, a in r.dependencies.items()}
-    return [_shell(f"Put the known-good dependency addresses back into {r.config_path}",
-                   f"python3 - {r.config_path} '{json.dumps(good)}' <<'EOF'\n{_REWRITE_DEPS.strip()}\nEOF",
-                   register="config", changed_when="config.stdout != ''")] + _restart(r)
+    # The entries the config shows differing from the known-good addresses (all, if it is not shown).
+    seen = (ev.get("config") or {}).get("dependencies") or {}
+    wrong = {n: g for n, g in good.items() if isinstance(seen.get(n), Mapping)
+             and any(str(seen[n].get(k)) != str(v) for k, v in g.items())}
+    good = wrong or good
+    return [_task("Read the service's config", "slurp", {"src": r.config_path}, register="config"),
+            _task("Put the known-good dependency addresses back", "copy",
+                  {"dest": r.config_path,
+                   "content": "{{ config.content | b64decode | from_yaml | combine("
+                              + repr({"dependencies": good}) + ", recursive=True) | to_nice_yaml }}"})] \
+        + _restart(r, reset=False)
 
 
 def _port_taken(r: RunbookInput, ev) -> list[dict]:
@@ -491,8 +433,10 @@ def _stray_files(r: RunbookInput, ev, writers_files: list[str]) -> list[dict]:
     for f in disk.get("largest_files") or []:
         if f.get("mib", 0) >= 1 and not f["path"].startswith(own) and f["path"] not in files:
             files.append(f["path"])
+    if len(files) == 1:
+        return [_task("Delete the stray file", "file", {"path": files[0], "state": "absent"})]
     if files:
-        return [{"name": f"Delete {p}", "ansible.builtin.file": {"path": p, "state": "absent"}} for p in files]
+        return [_task("Delete the stray files", "file", {"path": "{{ item }}", "state": "absent"}, loop=files)]
     return [_shell(f"Delete the large stray files in {r.data_dir} (not the service's seed/ or work/)",
                    f"find {r.data_dir} -xdev -type f -size +1M -not -path '{own[0]}*' -not -path '{own[1]}*' "
                    "-print -delete", register="strays", changed_when="strays.stdout != ''")]
@@ -502,25 +446,15 @@ def _redis_resume_writes(r: RunbookInput) -> list[dict]:
     """A redis whose last save failed refuses writes until one succeeds: save now."""
     if r.kind != "redis":
         return []
-    return [_shell(f"Save {r.service}'s data now that there is room, so it accepts writes again",
-                   f"redis-cli -p {r.port} bgsave >/dev/null 2>&1 || true\n"
-                   "for i in $(seq 100); do\n"
-                   f"  redis-cli -p {r.port} info persistence | grep -q 'rdb_bgsave_in_progress:0' && break\n"
-                   "  sleep 0.1\n"
-                   "done\n"
-                   f"redis-cli -p {r.port} info persistence | grep -q 'rdb_last_bgsave_status:ok'",
-                   changed_when=True)]
+    return [_task("Save the data now that it can, so that redis accepts writes again", "command",
+                  f"redis-cli -p {r.port} save", register="saved", failed_when="saved.stdout != 'OK'")]
 
 
 def _readonly_fs(r: RunbookInput, ev) -> list[dict]:
-    disk = ev.get("disk") or {}
-    where = disk.get("mount_point") or r.data_dir
-    # A bind mount takes `remount,bind,rw`; a plain one `remount,rw`: try the plain one first.
-    return [_shell(f"Make {where} (holding {r.data_dir}) writable again",
-                   f"findmnt -no OPTIONS -T {r.data_dir} | grep -q '^ro' || exit 0\n"
-                   f"mount -o remount,rw {where} 2>/dev/null || mount -o remount,bind,rw {where}\n"
-                   f"findmnt -no OPTIONS -T {r.data_dir} | grep -q '^rw' && echo remounted",
-                   register="remount", changed_when="remount.stdout != ''")] + _redis_resume_writes(r)
+    where = (ev.get("disk") or {}).get("mount_point") or r.data_dir
+    # The data dir is a read-only bind mount: make that mount writable again.
+    return [_task("Remount the data dir read-write", "command", f"mount -o remount,bind,rw {where}")] \
+        + _redis_resume_writes(r)
 
 
 def _disk_full(r: RunbookInput, ev) -> list[dict]:

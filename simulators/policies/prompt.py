@@ -226,18 +226,23 @@ def system_prompt(inventory_hosts: Iterable[str], mode: str = "solo", max_probes
 def build_messages(report: DiagnosisReport | Mapping[str, Any] | str, inventory_hosts: Sequence[str], *,
                    mode: str = "solo", feedback: Iterable[TrialFeedback | Mapping[str, Any]] = (),
                    observations: Iterable[Mapping[str, Any]] = (), previous_answers: Sequence[str] = (),
-                   max_probes: int = 4) -> list[dict]:
+                   max_probes: int = 4, examples: Sequence[tuple[Any, str]] = ()) -> list[dict]:
     """The chat messages for one request: system, the report turn, then per earlier trial
     the answer given (where known, from `previous_answers`) and its feedback.
 
     `observations` are probe results made before this request (earlier trials' probes),
-    shown in the report turn so a later trial need not probe again."""
+    shown in the report turn so a later trial need not probe again. `examples`: (report,
+    answer) pairs shown first as earlier turns of the same conversation (few-shot)."""
     hosts = hosts_text(inventory_hosts)
     obs = render_observations(observations)
     user = render("solo", report=report_text(report).rstrip("\n"), hosts=hosts,
                   observations=f"\nWhat read-only probes already showed:\n\n{obs}\n" if obs else "")
-    messages = [{"role": "system", "content": system_prompt(inventory_hosts, mode, max_probes)},
-                {"role": "user", "content": user}]
+    messages = [{"role": "system", "content": system_prompt(inventory_hosts, mode, max_probes)}]
+    for ex_report, ex_answer in examples:
+        messages += [{"role": "user", "content": render("solo", report=report_text(ex_report).rstrip("\n"),
+                                                        hosts=hosts, observations="")},
+                     {"role": "assistant", "content": ex_answer}]
+    messages.append({"role": "user", "content": user})
     for i, fb in enumerate(feedback):
         if i < len(previous_answers) and previous_answers[i]:
             messages.append({"role": "assistant", "content": previous_answers[i]})

@@ -17,14 +17,16 @@ class SoloGen:
     name = "solo"
     max_trials = 1
 
-    def __init__(self, model: ChatModel, temperature: float = 0.0, max_tokens: int = 1024):
+    def __init__(self, model: ChatModel, temperature: float = 0.0, max_tokens: int = 1024,
+                 examples: tuple[tuple[Any, str], ...] = ()):
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.examples = tuple(examples)    # (report, answer) pairs shown first: few-shot
 
     def generate(self, ctx: PolicyContext, feedback: list[TrialFeedback]) -> Generation:
         # A single trial by definition: feedback, if a runner passes any, is not shown.
-        messages = build_messages(ctx.report, ctx.inventory_hosts, mode="solo")
+        messages = build_messages(ctx.report, ctx.inventory_hosts, mode="solo", examples=self.examples)
         r = self.model.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens, seed=ctx.seed)
         return Generation(text=r.text, messages=messages, prompt_tokens=r.prompt_tokens,
                           completion_tokens=r.completion_tokens, model=self.model.name, latency_s=r.latency_s,
