@@ -429,9 +429,9 @@ class Console:
                 continue
             try:
                 from e2e_reme.simulators.faults import injected_faults
-                faults = [f"{f.name} on {f.target.service}" for f in injected_faults(r.name)]
-            except Exception:
-                faults = []
+                faults = [f"{f.name} on {f.target.service}" for f in injected_faults(r)]
+            except (OSError, ValueError, KeyError) as e:     # an unreadable record: say so, do not hide it
+                faults = [f"fault record unreadable: {type(e).__name__}"]
             out.append({"name": r.name, "faults": faults})
         return out
 

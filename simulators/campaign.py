@@ -22,6 +22,7 @@ whatever runs them, and a rerun finds its finished cases by their record ids.
 from __future__ import annotations
 
 import collections
+import gzip
 import ipaddress
 import json
 import math
@@ -261,7 +262,7 @@ def service_cases(service: str, suite: str, seeds: Sequence[int], backends: Back
 
 class RecordStore:
     """Episode records, one JSON object a line, under a run's directory: `episodes.jsonl`
-    (a benchmark, an evaluation; `path` may also name any such file), or, `sharded`,
+    (a benchmark, an evaluation; `path` may also name any such file, gzipped too, to read), or, `sharded`,
     `shards/part-<run>-<k>.jsonl` (a fleet collection: each run appends only to shards of
     its own, a new one every `shard_size` records, so Ray Data can read them as they are).
 
@@ -303,7 +304,8 @@ class RecordStore:
 
     def __iter__(self) -> Iterator[dict]:
         for path in self.files():
-            with path.open() as f:
+            # A gzipped file is read as it is (traces kept in the repository: releases/traces/).
+            with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
                 for line in f:
                     rec = _parse(line)
                     if rec is not None:

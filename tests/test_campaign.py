@@ -141,6 +141,17 @@ def test_a_run_directory_holds_its_records_in_one_file(tmp_path):
     assert list(RecordStore(tmp_path).done()) == ["a", "b"]
 
 
+def test_a_gzipped_records_file_reads_as_the_plain_one(tmp_path):
+    import gzip
+    with RecordStore(tmp_path / "run") as store:
+        store.append({"id": "a", "outcome": "success"})
+        store.append({"id": "b", "outcome": "failure"})
+    packed = tmp_path / "traces.jsonl.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "run" / "episodes.jsonl").read_bytes()))
+    (store_gz,) = RecordStore.find(packed)
+    assert list(store_gz) == list(RecordStore(tmp_path / "run")) and list(store_gz.done()) == ["a", "b"]
+
+
 def test_a_collection_writes_a_new_shard_every_shard_size_records(tmp_path):
     with RecordStore(tmp_path, sharded=True, shard_size=2, run="a") as store:
         for i in range(3):

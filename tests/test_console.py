@@ -15,8 +15,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving import serve_process, wait_for
 from e2e_reme.serve.review import ReviewStore
 from e2e_reme.simulators.sandbox import controller, lease
 
@@ -35,7 +34,6 @@ CHROMIUM = "/usr/bin/chromium"
 EPISODES = Path(__file__).parent / "data" / "train-episodes.jsonl"
 REPORT = json.loads(EPISODES.read_text().splitlines()[0])["report"]
 TOKEN = secrets.token_urlsafe(24)
-REMED = str(Path(sys.executable).parent / "remed")
 ARTIFACTS = Path(os.environ.get("REMED_TEST_ARTIFACTS", "runs/test-artifacts")) / "console"
 SLOW = 300_000          # ms: the model writes on two shared cores
 
@@ -81,19 +79,8 @@ def served(sandbox, tmp_path_factory):
            "review_db": str(tmp / "review.sqlite"), "review_answers": True, "max_tokens": 16,
            "max_batch_size": 1, "replica_cpus": 0.5}
     (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen([REMED, "serve", "--config", str(tmp / "serve.yaml")], stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_for(lambda: proc.poll() is None and status_of(url + "/healthz") == 200, 300, 1), \
-            (tmp / "serve.log").read_text()[-3000:]
-        yield {"proc": proc, "url": url, "db": tmp / "review.sqlite", "log": tmp / "serve.log"}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=180)
-        log.close()
+    with serve_process(tmp / "serve.yaml", port) as server:
+        yield {**server, "db": tmp / "review.sqlite"}
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +107,6 @@ def page(browser, served):
     pg.wait_for_url("**/ui/history")
     yield pg
     ctx.close()
-
-
-def status_of(url: str, headers: dict | None = None) -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def wait_for(pred, timeout: float, every: float = 0.3) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def shot(pg, name: str) -> Path:
@@ -269,6 +237,30 @@ def test_the_gate_names_its_rule_and_the_line(page, served, sandbox):
 
 
 # ---- refusals --------------------------------------------------------------------------------------
+
+def test_a_sandbox_with_an_active_fault_has_its_report_observed_into_the_form(page, served, sandbox):
+    from e2e_reme.simulators.faults import make_fault, recover_all
+    from e2e_reme.simulators.systems.deploy import load_deployment
+    dep = load_deployment(sandbox)
+    make_fault("pod-fail", dep.targets["hello-service"], dep.targets, seed=3).inject(sandbox)
+    try:
+        page.goto(served["url"] + "/ui")
+        assert "pod-fail" in page.inner_text("#sandbox")           # the picker names the active fault
+        page.select_option("#sandbox", sandbox.name)
+        page.click("#observe")
+        assert wait_for(lambda: page.input_value("#report"), SLOW / 1000, 0.5), page.inner_text("body")[-500:]
+        report = json.loads(page.input_value("#report"))
+        assert report["system"] == "simple-micro" and report["service"] == "hello-service"
+        assert report["fault_kind"] == "pod-fail" and report["level"] == "full" and report["symptoms"]
+        shot(page, "observed")
+    finally:
+        recover_all(sandbox)
+    page.goto(served["url"] + "/ui")                                # no fault left: one clear refusal
+    page.select_option("#sandbox", sandbox.name)
+    page.click("#observe")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "no active fault" in page.inner_text("#error")
+
 
 def test_a_bad_report_is_one_clear_message_on_the_page(page, served):
     page.goto(served["url"] + "/ui")

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving import serve_process, wait_for
 from e2e_reme.simulators.sandbox import controller, lease
 
 EPISODES = Path(__file__).parent / "data" / "train-episodes.jsonl"
@@ -68,15 +68,6 @@ def sleeping_in_node(sb, seconds: int) -> bool:
 def jail_running(sb) -> bool:
     return any(f"--machine={controller.machine(sb.record.number)}" in argv
                for argv in controller._jail_processes().values())
-
-
-def wait_for(what, timeout: float = 90, every: float = 0.3) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return True
-        time.sleep(every)
-    return what()
 
 
 def execute_plan(sb, mode: str = "execute"):
@@ -158,19 +149,8 @@ def served(tiny_model, sandbox, tmp_path_factory):
     (tmp / "serve.yaml").write_text(yaml.safe_dump({
         "model": str(tiny_model), "port": port, "num_replicas": 2, "replica_cpus": 0.5, "token_file": str(token),
         "sandboxes": ["pt-lease-*"], "exec_timeout_s": 120, "verify_load": False, "workdir": str(tmp / "work")}))
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen([REMED, "serve", "--config", str(tmp / "serve.yaml")], stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        up = wait_for(lambda: proc.poll() is None and _get(url + "/healthz") == 200, timeout=240, every=1)
-        assert up, (tmp / "serve.log").read_text()[-3000:]
-        yield {"proc": proc, "url": url, "log": tmp / "serve.log"}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=180)
-        log.close()
+    with serve_process(tmp / "serve.yaml", port, up_timeout=240) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

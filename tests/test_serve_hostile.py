@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import wait_for
 from e2e_reme.serve.config import ServeConfig, ServeConfigError, read_token_file, token_digest
 from e2e_reme.serve.launch import Server, free_port
 from e2e_reme.train.data import DataConfig, build_sft_data, corpus_texts
@@ -83,15 +84,6 @@ def metric(srv, name: str) -> float:
         if line.startswith(name + " ") or (line.startswith(name + "{") and "{" not in name):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_for(pred, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def chat(content: str, max_tokens: int = 4) -> dict:

@@ -141,7 +141,9 @@ def fault_available(name: str, backend: str, report=None) -> tuple[bool, str]:
 # ---- the record of injected faults, per sandbox ------------------------------------------
 
 def _record_path(sb) -> Path:
-    return Path(sb.record.dir) / "faults.json"
+    """Where a sandbox's fault records live; `sb` is a Sandbox or its registry record
+    (`SandboxRecord`, as `list_sandboxes()` gives: reading needs no handle on the sandbox)."""
+    return Path(getattr(sb, "record", sb).dir) / "faults.json"
 
 
 @contextmanager
