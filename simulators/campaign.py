@@ -272,7 +272,9 @@ class RecordStore:
     def __init__(self, path: str | Path, *, sharded: bool = False, shard_size: int = 500, run: str | None = None):
         path = Path(path)
         self.sharded = sharded
-        self.file = path if path.is_file() else path / "episodes.jsonl"
+        packed = path / "episodes.jsonl.gz"       # records kept in the repository (read only)
+        self.file = (path if path.is_file() else
+                     packed if packed.is_file() and not (path / "episodes.jsonl").exists() else path / "episodes.jsonl")
         self.dir = path if sharded else self.file.parent
         self.shard_size = max(1, int(shard_size))
         self.run = run or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -291,7 +293,7 @@ class RecordStore:
 
     @classmethod
     def _at(cls, d: Path) -> list["RecordStore"]:
-        if (d / "episodes.jsonl").is_file():
+        if (d / "episodes.jsonl").is_file() or (d / "episodes.jsonl.gz").is_file():
             return [cls(d)]
         return [cls(d, sharded=True)] if (d / "shards").is_dir() else []
 
@@ -365,6 +367,8 @@ class RecordStore:
             self._k += 1
             self._f = path.open("x")      # never an existing shard
         else:
+            if self.file.suffix == ".gz":
+                raise ValueError(f"{self.file}: packed records are read only; write a run to another directory")
             self.file.parent.mkdir(parents=True, exist_ok=True)
             cut = self.file.exists() and self.file.stat().st_size and not self.file.read_bytes().endswith(b"\n")
             self._f = self.file.open("a")

@@ -150,6 +150,13 @@ def test_a_gzipped_records_file_reads_as_the_plain_one(tmp_path):
     packed.write_bytes(gzip.compress((tmp_path / "run" / "episodes.jsonl").read_bytes()))
     (store_gz,) = RecordStore.find(packed)
     assert list(store_gz) == list(RecordStore(tmp_path / "run")) and list(store_gz.done()) == ["a", "b"]
+    kept = tmp_path / "kept"                         # a run's directory with its records packed
+    kept.mkdir()
+    packed.rename(kept / "episodes.jsonl.gz")
+    (again,) = RecordStore.find(kept)
+    assert list(again.done()) == ["a", "b"]
+    with pytest.raises(ValueError, match="read only"):
+        again.append({"id": "c"})
 
 
 def test_a_collection_writes_a_new_shard_every_shard_size_records(tmp_path):

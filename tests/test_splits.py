@@ -124,6 +124,21 @@ def test_no_sft_example_touches_a_validation_or_test_system_or_service(path):
             assert not mentions(" ".join(ex.texts()), names), ex.meta
 
 
+@pytest.mark.parametrize("path", sorted(ROOT.glob("releases/traces/*.jsonl.gz")), ids=lambda p: p.name)
+def test_the_traces_kept_in_the_repository_are_train_split_runbook_successes_only(path):
+    recs = read_episodes([path])
+    assert recs and all(r["outcome"] == "success" and r["policy"] == "runbook" for r in recs)
+    assert all(SPLITS.split_of(r["scenario"]["system"], r["scenario"]["target"]) == "train" for r in recs)
+    # The release's own data, as configs/sft-release.yaml builds it: every example's incident is a
+    # train-split one (a held-out service may be named in a trained system's call graph, as a
+    # neighbour, never as the faulty one), and no renamed copy names a held-out service or system.
+    cfg = DataConfig.from_dict({**read_yaml(ROOT / "configs/sft-release.yaml")["data"], "episodes": [str(path)]})
+    data = build_sft_data(cfg)
+    assert data.traces == len(recs)
+    assert all(SPLITS.split_of(ex.meta["system"], ex.meta["service"]) == "train" for ex in data.train)
+    assert not any(mentions(" ".join(ex.texts()), held_out_names()) for ex in data.train if ex.meta["copy"])
+
+
 @pytest.mark.parametrize("path", RL_CONFIGS, ids=lambda p: p.name)
 def test_no_rl_case_touches_a_validation_or_test_system_or_service(path):
     from e2e_reme.train.rl import training_cases

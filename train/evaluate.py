@@ -249,4 +249,4 @@ def mcnemar(a: list[Mapping[str, Any]], b: list[Mapping[str, Any]]) -> dict:
     p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
     return {"cases": len(pairs), "excluded": len(a) - len(pairs), "a_only": a_only, "b_only": b_only,
             "both": sum(1 for x, y in pairs if x and y), "neither": sum(1 for x, y in pairs if not x and not y),
-            "p_value": round(p, 6)}
+            "p_value": float(f"{p:.4g}")}

@@ -343,7 +343,7 @@ def print_compare(results: dict) -> None:
             pt.add_column(c, justify="right")
         for label, m in results["paired"].items():
             pt.add_row(label, str(m["cases"]), str(m["a_only"]), str(m["b_only"]), str(m["both"]), str(m["neither"]),
-                       f"{m['p_value']:.4f}")
+                       f"{m['p_value']:.3g}")
         console.print(pt)
     if results.get("chart"):
         console.print(f"chart: {results['chart']}")
