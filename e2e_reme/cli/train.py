@@ -167,8 +167,11 @@ def passk(config_file: Path = typer.Option(..., "--config", help="RL YAML, e.g. 
     from e2e_reme.train.errors import NoTrainingData, TrainError
     from e2e_reme.train.passk import run_passk
     from e2e_reme.train.rl_config import load_config
+    if k < 1 or (n is not None and n < k) or max_cases < 1:
+        _fail(f"--k {k}, --n {n}, --max-cases {max_cases}: k and max-cases at least 1, n (samples) at least k")
     try:
-        res = run_passk(load_config(config_file), k=k, n=n, max_cases=max_cases, say=console.log)
+        with console.status(f"pass@{k}: sampling each case's group and judging every sample in its sandbox"):
+            res = run_passk(load_config(config_file), k=k, n=n, max_cases=max_cases, say=console.log)
     except (TrainError, NoTrainingData) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
