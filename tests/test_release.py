@@ -190,7 +190,7 @@ def test_a_config_that_did_not_train_the_run_is_refused(bases, tmp_path, cache):
     out = sft_output(tmp_path, bases[0])
     cfg = json.loads((out.parent / "config.json").read_text())
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text(yaml.safe_dump(cfg))
+    good.write_text(yaml.safe_dump({**cfg, "eval": {**cfg["eval"], "parallel": 3}}))   # judging is not training
     bad.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 1.0}}))
     with pytest.raises(ReleaseError, match="not the config that trained .* differ in train"):
         pack(out, tmp_path / "r", config=bad)

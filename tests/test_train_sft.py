@@ -219,5 +219,9 @@ def test_lora_trains_adapters_and_checkpoints_a_merged_model(ray_session, config
     base = load_model(Path(cfg.out) / "init").model.state_dict()
     merged = load_model(summary["model"]).model.state_dict()
     assert any(not torch.equal(base[k], merged[k]) for k in base if k.endswith("q_proj.weight"))
+    # The exported model keeps its adapter: what `remed release pack` makes a release of.
+    from e2e_reme.train.release import pack
+    assert (Path(summary["model"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert (pack(summary["model"], tmp_path / "releases" / "lora") / "adapter" / "adapter_model.safetensors").is_file()
     run_sft(replace(cfg, train=replace(cfg.train, max_steps=6)))      # resumes from the adapter
     assert [m["step"] for m in metrics(Path(cfg.out))] == [1, 2, 3, 4, 5, 6]

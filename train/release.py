@@ -501,12 +501,13 @@ def _read_json(p: Path) -> dict | None:
 
 
 def _same_config(path: Path, run_config: dict, run: Path) -> None:
-    """`path` builds the config the run saved (its paths as given, `out` aside)."""
+    """`path` builds the config the run saved (its paths as given; `out` aside, and `eval`: how
+    the model is judged does not train it, so a config may name other evaluation sources)."""
     from e2e_reme.config import read_yaml
     from .sft import SFTConfig
     mine = json.loads(json.dumps(SFTConfig.from_dict(read_yaml(path, "sft config", ReleaseError)).to_dict(),
                                  default=str))
-    diff = sorted(k for k in set(mine) | set(run_config) if k != "out" and mine.get(k) != run_config.get(k))
+    diff = sorted(k for k in set(mine) | set(run_config) if k not in ("out", "eval") and mine.get(k) != run_config.get(k))
     if diff:
         raise ReleaseError(f"--config {path} is not the config that trained {run} (they differ in {', '.join(diff)}); "
                            f"name the YAML the run was started with")

@@ -403,6 +403,8 @@ def export_model(checkpoint: Path, dest: Path, config: SFTConfig, data: SFTData,
     for f in checkpoint.iterdir():
         if f.is_file() and f.name not in ("optimizer.pt", "rng.pt"):
             shutil.copy2(f, tmp / f.name)
+    if (checkpoint / "adapter").is_dir():         # LoRA: the adapter a release is packed from
+        shutil.copytree(checkpoint / "adapter", tmp / "adapter")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     (tmp / "e2e_reme_trained.json").write_text(json.dumps(
         {"stage": "sft", "step": state.get("step"), "base": config.model or "init", "run": str(Path(config.out)),
