@@ -89,7 +89,9 @@ def test_doing_nothing_is_a_failure_at_verify(env, tmp_path):
     assert "fault_gone" in failed
     # Already decided: the SLO window is not waited for, and the verdict says so.
     assert list(rec.verdict["skipped"]) == ["slo"] and "slo" not in {c["name"] for c in rec.verdict["checks"]}
-    assert rec.timings["verify"] < 5
+    # Waiting it out would take the whole window on top of the other checks (not a fixed
+    # bound: the other checks take longer on a loaded machine).
+    assert rec.timings["verify"] < env[1].slo.window_s
 
 
 def test_a_fault_left_in_place_is_judged_without_waiting_out_the_settle_time(env, tmp_path):
