@@ -117,18 +117,24 @@ class Judge:
                    completion_ids=tuple(ids) if ids is not None else None)
 
 
-    def groups(self, scenarios: Sequence[Scenario], answer: Callable[[Scenario, dict], list[dict]]) -> list["GroupResult"]:
+    def groups(self, scenarios: Sequence[Scenario], answer: Callable[[Scenario, dict], list[dict]],
+               on_group: Callable[["GroupResult"], None] | None = None) -> list["GroupResult"]:
         """One group per scenario, each observed, answered and judged on one sandbox (the
         module docstring). `answer(scenario, report)` runs on the sandbox host, is
         picklable (a Ray actor handle inside), and returns the group: dicts with at least
-        "text" (and "completion_ids" where known). Results in the scenarios' order."""
+        "text" (and "completion_ids" where known). Results in the scenarios' order;
+        `on_group` sees each one as it finishes (progress)."""
         jobs = []
         for sc in scenarios:
             self._n += 1
             jobs.append(Job(id=f"{sc.id}-g{self._tag}{self._n}", scenario=sc, policy=self.policy,
                             group=Group(answer)))
-        got = {r["id"]: r for r in self.fleet.run(jobs)}
-        return [group_result(got[j.id]) for j in jobs]
+        got = {}
+        for r in self.fleet.run(jobs):
+            got[r["id"]] = group_result(r)
+            if on_group:
+                on_group(got[r["id"]])
+        return [got[j.id] for j in jobs]
 
 
 # ---- groups: observe, answer, judge on one sandbox -------------------------------------------------

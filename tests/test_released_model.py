@@ -42,6 +42,20 @@ def test_a_committed_release_is_small_and_carries_its_card_terms_and_test_record
     assert m["training"]["config"]["eval"]["split"] == "validation"     # chosen on validation, not on test
 
 
+
+@pytest.mark.parametrize("release", RELEASES, ids=lambda p: p.name)
+def test_a_release_s_test_records_compare_with_the_kept_runbook_baseline(release, tmp_path):
+    """`remed train compare` reads the release's packed records beside a kept baseline's
+    directory: the table of docs/train.md is made again from a fresh clone."""
+    from e2e_reme.train.evaluate import compare
+    test = read_manifest(release)["evaluations"]["test"]
+    res = compare({"release": release / test["records"], "runbook": ROOT / "releases/baselines/runbook-test"},
+                  tmp_path, common=True)
+    paired = res["paired"]["runbook"]
+    assert res["cases"] == paired["cases"] + paired["excluded"] >= 48
+    assert paired["both"] + paired["a_only"] == res["policies"]["release"]["overall"]["successes"]
+    assert (tmp_path / "success.png").is_file()
+
 @pytest.fixture(scope="module", params=RELEASES, ids=lambda p: p.name)
 def served(request, tmp_path_factory):
     release = request.param         # loading it checks every hash; the base from the import's cache

@@ -281,7 +281,10 @@ def test_passk_judges_each_cases_samples_as_rl_does(submitted, config_file, tmp_
     from e2e_reme.train.passk import run_passk
     config, r = submitted
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    res = run_passk(load_config(config_file, [f"out={tmp_path}"]), k=2, splits=("train",), say=lambda s: None)
+    seen = []
+    res = run_passk(load_config(config_file, [f"out={tmp_path}"]), k=2, splits=("train",), say=lambda s: None,
+                    on_case=lambda total, g: seen.append((total, g and len(g.judgements))))
+    assert seen == [(1, None), (1, 2)]          # the progress: the count first, then the case judged
     (row,) = res["cases"]
     assert (row["split"], row["fault"], row["n"], row["c"], row["error"]) == ("train", "pod-fail", 2, 0, None)
     assert res["table"]["train"]["pod-fail"]["pass@2"] == 0.0
@@ -306,3 +309,30 @@ def test_the_gpu_config_gives_the_rollout_actor_its_gpu_and_the_cpu_config_none(
     cpu = actor_options(load_config(ROOT / "configs" / "rl-cpu.yaml"))
     assert cpu["rollout"]["num_gpus"] == 0 and cpu["trainer"] == {"num_cpus": 2, "num_gpus": 0.0}
     assert load_config(ROOT / "configs" / "rl-cpu.yaml").rollout.max_tokens == 768
+
+
+def test_a_cluster_that_cannot_hold_both_actors_is_refused_not_waited_on(tmp_path):
+    # A head started with 2 CPUs (`ray start --head` on this machine) cannot place the trainer
+    # (2 CPUs) beside the rollout worker (1): the run says so and how to start the head,
+    # instead of leaving the rollout worker pending for ever; 4 advertised CPUs hold both.
+    code = f"""
+import ray, sys
+from e2e_reme.train.errors import TrainError
+from e2e_reme.train.rl_config import load_config
+from e2e_reme.train.rl_workers import check_resources
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False)
+try:
+    check_resources(load_config({str(ROOT / "configs" / "rl-cpu.yaml")!r}))
+    print("placed")
+except TrainError as e:
+    print("refused:", e)
+finally:
+    ray.shutdown()
+"""
+    out = {}
+    for cpus in (2, 4):
+        r = subprocess.run([sys.executable, "-c", code, str(cpus)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+        out[cpus] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
+    assert out[2].startswith("refused:") and "CPU 3 asked, 2 there" in out[2] and "--num-cpus 4" in out[2]
+    assert out[4] == "placed"

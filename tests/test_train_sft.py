@@ -138,6 +138,7 @@ def test_the_trained_model_is_judged_by_executing_its_answer_on_a_live_held_out_
     assert o["cases"] == 1 and o["successes"] + sum(o["failure_stages"].values()) == 1
     assert o["prompt_tokens_per_case"] > 500
     assert rec["trials"][0]["extra"]["completion_ids"]
+    assert len(json.loads((out / "config.json").read_text())["weights_sha256"]) == 64     # what it judged
 
 
 @pytest.mark.slow
@@ -159,6 +160,19 @@ def test_a_results_directory_holding_another_models_evaluation_is_refused(traine
     (tmp_path / "config.json").write_text(json.dumps({"model": "policy:runbook", "eval": {}, "holdout": {}}))
     with pytest.raises(ValueError, match="another model"):
         run_eval(summary["model"], ONE_CASE, HELD_OUT, tmp_path)
+
+
+def test_the_same_model_directory_with_other_weights_is_refused(trained, tmp_path):
+    """A results directory records the weights it judged, not only their path: a model
+    directory retrained in place (or another trim behind the same link) starts its own."""
+    from e2e_reme.train.model import check_model_dir
+    from e2e_reme.train.release import weights_sha256
+    _, summary = trained
+    (tmp_path / "config.json").write_text(json.dumps({"model": str(check_model_dir(summary["model"])),
+                                                      "weights_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="another weights_sha256"):
+        run_eval(summary["model"], ONE_CASE, HELD_OUT, tmp_path)
+    assert weights_sha256(summary["model"]) != "0" * 64
 
 
 def _results(d: Path, outcomes: dict[str, str]) -> Path:

@@ -26,6 +26,7 @@ needed (and not used) here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -122,7 +123,7 @@ def run_eval(model_dir: str | Path | None, config: EvalConfig, splits, out: str 
     from e2e_reme.simulators.campaign import RecordStore, publish, run_local
     from e2e_reme.simulators.episode import EpisodeConfig
     from .model import check_model_dir
-    from .release import is_release, model_dir as resolve_model
+    from .release import is_release, model_dir as resolve_model, weights_sha256
     from .splits import load_splits
 
     emit = on_event or (lambda kind, payload: None)
@@ -139,10 +140,12 @@ def run_eval(model_dir: str | Path | None, config: EvalConfig, splits, out: str 
         raise TrainError(f"no case of the {config.split} split ({splits.source}) that this host can run "
                          f"({len(skipped)} skipped: {'; '.join(s['reason'] for s in skipped[:2])})")
     store = RecordStore(out)
-    store.claim("config.json", {"model": judged, "eval": asdict(config), "command": command,
+    weights = weights_sha256(model_dir) if model_dir is not None else None    # one path, other weights: refused
+    store.claim("config.json", {"model": judged, "weights_sha256": weights, "eval": asdict(config),
+                                "command": command,
                                 "splits": {"source": splits.source, "definition": splits.definition_sha256()}},
-                keys=("model", "eval.split", "eval.faults", "eval.seeds", "eval.backend", "eval.shots",
-                      "eval.temperature", "eval.max_tokens", "eval.loop_span", "splits.definition"),
+                keys=("model", "weights_sha256", "eval.split", "eval.faults", "eval.seeds", "eval.backend",
+                      "eval.shots", "eval.temperature", "eval.max_tokens", "eval.loop_span", "splits.definition"),
                 what="evaluation")
     todo, _ = store.pending(cases)
     emit("eval_cases", {"total": len(cases), "todo": len(todo), "skipped": len(skipped)})
@@ -197,6 +200,25 @@ def summarize(records: list[dict], skipped: list[dict] = ()) -> dict:
             "skipped": list(skipped)}
 
 
+def eval_records(where: str | Path) -> list[dict]:
+    """An evaluation's per-case records: a `remed train eval` results directory, or the
+    compressed records a release keeps of one (releases/<name>/evals/<label>.jsonl.gz)."""
+    import gzip
+
+    from e2e_reme.simulators.campaign import RecordStore
+    p = Path(where)
+    if p.is_file() and p.name.endswith(".jsonl.gz"):
+        try:
+            with gzip.open(p, "rt") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{p}: not an evaluation's compressed records ({e})") from e
+    if not (p / "results.json").is_file():
+        raise TrainError(f"{p}: no evaluation results here; run `remed train eval` into it first, or name a "
+                         "release's records (releases/<name>/evals/<label>.jsonl.gz)")
+    return list(RecordStore(p))
+
+
 def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = False,
             reference: str | None = None) -> dict:
     """Evaluations side by side ({label: results dir}): each one's overall, per-fault and
@@ -206,11 +228,7 @@ def compare(evals: Mapping[str, str | Path], out: str | Path, common: bool = Fal
     Evaluations of different cases are refused, because their rates are not comparable;
     with `common`, each is summarised over the cases all of them judged instead."""
     from e2e_reme.simulators.campaign import RecordStore, publish
-    records = {}
-    for label, d in evals.items():
-        if not (Path(d) / "results.json").is_file():
-            raise TrainError(f"{d}: no evaluation results here; run `remed train eval` into it first")
-        records[label] = {r["id"]: r for r in RecordStore(d)}
+    records = {label: {r["id"]: r for r in eval_records(d)} for label, d in evals.items()}
     ids = [set(r) for r in records.values()]
     shared = set.intersection(*ids) if ids else set()
     if not common and any(i != shared for i in ids):

@@ -84,9 +84,11 @@ def summarize(rows: list[dict], k: int) -> dict:
 
 
 def run_passk(config, k: int = 8, n: int | None = None, splits: tuple[str, ...] = ("train", "validation"),
-              max_cases: int = 2, say=print) -> dict:
+              max_cases: int = 2, say=print, on_case=None) -> dict:
     """Judge `n` (default k) temperature-1 samples of the config's model per case; write
-    and return {"k", "n", "model", "cases": [...], "table": {split: {fault: ...}}}."""
+    and return {"k", "n", "model", "cases": [...], "table": {split: {fault: ...}}}.
+    `on_case(total, group)`: progress, once before the first case (group None) and once a
+    finished case."""
     from e2e_reme.cluster import Fleet, Judge
     from .errors import TrainError
     from .rl import ray_session
@@ -107,7 +109,10 @@ def run_passk(config, k: int = 8, n: int | None = None, splits: tuple[str, ...] 
     with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
         rollout = Rollout(config, out)
         try:
-            results = Judge(fleet, policy="passk").groups([sc for _, sc in cases], rollout.answer(0, config.seed))
+            tick = on_case or (lambda total, group: None)
+            tick(len(cases), None)
+            results = Judge(fleet, policy="passk").groups([sc for _, sc in cases], rollout.answer(0, config.seed),
+                                                          on_group=lambda g: tick(len(cases), g))
         finally:
             rollout.close()
     for (split, sc), g in zip(cases, results):

@@ -293,7 +293,7 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     log lines, `on_step` each step's metrics (a progress display)."""
     from e2e_reme.cluster import Fleet, Judge
     from .rl_config import check_generation_limit
-    from .rl_workers import Rollout, Trainer
+    from .rl_workers import Rollout, Trainer, check_resources
 
     config = config.absolute()
     if not Path(config.model).is_dir():
@@ -311,6 +311,7 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
         f"from step {step} of {config.steps} ({'checkpoint ' + last.name if last else 'the starting model'})")
     log = _Log(out)
     with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
+        check_resources(config)
         judge = Judge(fleet, policy="rl")
         trainer = Trainer(config, source, out)
         rollout = Rollout(config, out)

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .errors import TrainError
 from .rl_config import RLConfig
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -86,6 +87,24 @@ def actor_options(config: RLConfig, gpu: bool | None = None) -> dict:
     trainer = {"num_cpus": 1, "num_gpus": 1.0} if gpu else {"num_cpus": max(1, int(u.threads_per_worker)),
                                                             "num_gpus": 0.0}
     return {"rollout": rollout, "trainer": trainer}
+
+
+def check_resources(config: RLConfig) -> None:
+    """Refuse a run whose two actors the cluster cannot hold at once: Ray would leave the
+    second pending and the run would wait for ever. The loop alternates generation and
+    update, so on a small machine the head may advertise more CPUs than it has
+    (`ray start --head --num-cpus 4` on 2 cores, as the local session does)."""
+    import ray
+    opts = actor_options(config)
+    need = {"CPU": sum(o["num_cpus"] for o in opts.values()), "GPU": sum(o["num_gpus"] for o in opts.values())}
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v and have.get(k, 0) < v}
+    if short:
+        raise TrainError("the Ray cluster cannot hold the rollout worker and the trainer at once: "
+                         + ", ".join(f"{k} {v:g} asked, {h:g} there" for k, (v, h) in short.items())
+                         + f" (rollout {opts['rollout']}, trainer {opts['trainer']}); start the head with more "
+                         "(`ray start --head --num-cpus 4 ...` on this 2-core machine: they take turns) or ask "
+                         "less (rollout.cpus, update.threads_per_worker, rollout.gpus, update.use_gpu)")
 
 
 # ---- rollout ------------------------------------------------------------------------------------

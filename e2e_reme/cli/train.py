@@ -162,16 +162,27 @@ def rl(ctx: typer.Context,
 def passk(config_file: Path = typer.Option(..., "--config", help="RL YAML, e.g. configs/rl-cpu.yaml."),
           k: int = typer.Option(8, "--k", help="pass@k's k."),
           n: int = typer.Option(None, "--n", help="Samples per case (default k)."),
-          max_cases: int = typer.Option(2, "--max-cases", help="Cases per fault type and split.")) -> None:
+          max_cases: int = typer.Option(2, "--max-cases", help="Cases per fault type and split."),
+          split: list[str] = typer.Option(None, "--split", help="train | validation (repeat for both). [both]")) -> None:
     """Headroom before RL: pass@k at temperature 1 per fault type on the training and validation cases."""
     from e2e_reme.train.errors import NoTrainingData, TrainError
     from e2e_reme.train.passk import run_passk
     from e2e_reme.train.rl_config import load_config
+    splits = tuple(split or ("train", "validation"))
+    if set(splits) - {"train", "validation"}:
+        _fail(f"--split {' '.join(splits)}: use train and/or validation (the test split is run once, by eval)")
     if k < 1 or (n is not None and n < k) or max_cases < 1:
         _fail(f"--k {k}, --n {n}, --max-cases {max_cases}: k and max-cases at least 1, n (samples) at least k")
     try:
-        with console.status(f"pass@{k}: sampling each case's group and judging every sample in its sandbox"):
-            res = run_passk(load_config(config_file), k=k, n=n, max_cases=max_cases, say=console.log)
+        with _progress() as prog:
+            task = prog.add_task(f"pass@{k} cases", total=None, last="")
+
+            def on_case(total, g):
+                ok = None if g is None else sum(j.reward or 0 for j in g.judgements)
+                prog.update(task, total=total, advance=0 if g is None else 1,
+                            last="" if g is None else f"{g.id}: {ok:g}/{len(g.judgements)} {g.error or ''}")
+            res = run_passk(load_config(config_file), k=k, n=n, splits=splits, max_cases=max_cases,
+                            say=prog.console.log, on_case=on_case)
     except (TrainError, NoTrainingData) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -242,8 +253,9 @@ def eval_(model: Path = typer.Option(None, "--model", help="The model directory 
 
 
 @app.command("compare")
-def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `remed train eval`, each on the "
-                                                      "same held-out cases."),
+def compare(evals: list[str] = typer.Argument(..., help="LABEL=DIR: results of `remed train eval` (or a "
+                                                      "release's evals/<label>.jsonl.gz), each on the same "
+                                                      "held-out cases."),
             out: Path = typer.Option(Path("runs/eval-compare"), "--out", help="Where the table's JSON and chart go."),
             common: bool = typer.Option(False, "--common", help="Compare only the cases all of them judged."),
             reference: str = typer.Option(None, "--reference", help="The label the paired test compares each "
