@@ -217,3 +217,64 @@ def test_an_evaluation_is_recorded_with_its_command_records_and_table(release, t
         == ["c0", "c1", "c2"]
     assert "| cpu-stress | 2 | 3 |" in (rel / "MODEL_CARD.md").read_text()
     materialize(rel)                 # recording an evaluation does not touch what the release loads
+
+
+def rl_checkpoint(root: Path, start: Path, step: int = 3) -> Path:
+    """What `train/rl.py` leaves: <run>/config.json (its model: the release it started from, as
+    loaded) and <run>/checkpoint_<step>/ with rl_state.json and the run's LoRA adapter on that
+    model (random LoRA-B values, so that it changes the model)."""
+    import torch
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from e2e_reme.train.rl_config import RLConfig
+    run = root / "rl-run"
+    cp = run / f"checkpoint_{step:06d}"
+    cp.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(RLConfig(model=str(start), out=str(run)).to_dict(), default=str))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": step, "reward": 0.5}) + "\n")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(start)),
+                           PeftLora(r=2, lora_alpha=4, target_modules=["k_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(cp / "adapter")
+    (cp / "rl_state.json").write_text(json.dumps({"step": step, "metrics": {"reward": 0.5}}))
+    return cp
+
+
+def test_an_rl_checkpoint_is_released_on_the_release_it_started_from(release, cache, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    start = materialize(release)
+    cp = rl_checkpoint(tmp_path, start)
+    r2 = pack(cp, release.parent / "tiny-r2-rl")          # beside the release it was trained from
+    try:
+        m = read_manifest(r2)
+        assert m["base"]["kind"] == "release" and m["base"]["source"] == "../tiny-r1"
+        assert m["base"]["weights_sha256"] == weights_sha256(start)
+        assert m["training"]["kind"] == "rl" and m["training"]["step"] == 3 and m["training"]["chosen_on"] == "validation"
+        assert "tiny-r1" in (r2 / "MODEL_CARD.md").read_text()
+        path = materialize(r2)
+        merged = AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(str(start)).state_dict()
+        changed = [k for k in base if not torch.equal(base[k], merged[k])]
+        assert changed and all("k_proj" in k for k in changed)            # only the RL adapter's layers moved
+        # The release it stands on, changed after packing, is refused by name.
+        keep = (release / "manifest.json").read_text()
+        try:
+            (release / "manifest.json").write_text(keep.replace('"tiny-r1"', '"tiny-r1 "', 1))
+            shutil.rmtree(path)
+            with pytest.raises(ReleaseError, match="base release tiny-r1 has manifest sha256"):
+                materialize(r2)
+        finally:
+            (release / "manifest.json").write_text(keep)
+    finally:
+        shutil.rmtree(r2, ignore_errors=True)
+
+
+def test_a_checkpoint_of_a_run_that_did_not_start_from_a_release_is_refused(bases, tmp_path):
+    cp = rl_checkpoint(tmp_path, bases[0])
+    with pytest.raises(ReleaseError, match="not from a release"):
+        pack(cp, tmp_path / "releases" / "x")

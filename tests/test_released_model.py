@@ -39,7 +39,9 @@ def test_a_committed_release_is_small_and_carries_its_card_terms_and_test_record
     records = [json.loads(line) for line in gzip.open(release / test["records"], "rt")]
     assert len(records) == test["overall"]["cases"] >= 48
     assert sum(r["outcome"] == "success" for r in records) == test["overall"]["successes"]
-    assert m["training"]["config"]["eval"]["split"] == "validation"     # chosen on validation, not on test
+    t = m["training"]                   # chosen on validation, not on test (SFT: its eval section; RL: recorded)
+    assert (t.get("chosen_on") if t.get("kind") == "rl" else t["config"]["eval"]["split"]) == "validation"
+    assert "validation" in m["evaluations"]
 
 
 

@@ -57,6 +57,7 @@ VOCAB = "base-vocab.json.gz"
 TERMS = "GEMMA_TERMS.html"
 NOTICE = "NOTICE"
 CARD = "MODEL_CARD.md"
+RL_STATE = "rl_state.json"             # what marks a checkpoint of an RL run (train/rl_workers.py)
 LOADED = "release.json"                # the manifest, in the materialized model directory
 META_KEY = "e2e_reme.base_weights_sha256"
 MAX_BYTES = 15 * 2 ** 20               # issue 29: a release is a few MB, at most 15
@@ -301,6 +302,8 @@ def _base_fix(b: dict) -> str:
 def _base_source(release: Path, b: dict, progress: Progress) -> Path:
     from .pretrained import PACKAGE, PACKAGE_SOURCE, import_model
     kind = b.get("kind")
+    if kind == "release":
+        return _base_release(release, b, progress)
     if kind == "dir":
         p = Path(b["source"])
         p = p if p.is_absolute() else release / p
@@ -323,6 +326,23 @@ def _base_source(release: Path, b: dict, progress: Progress) -> Path:
         raise ReleaseError(f"release {release}: the base source {r.source} has sha256 {r.sha256[:16]}..., the "
                            f"manifest says {str(b.get('source_sha256'))[:16]}...; {_base_fix(b)}")
     return r.path
+
+
+def _base_release(release: Path, b: dict, progress: Progress) -> Path:
+    """The base of a release trained from another one (RL from an SFT release): that release,
+    beside it under releases/, unchanged since the adapter was packed, loaded (and checked)
+    as any release is."""
+    p = (release / b["source"]).resolve()
+    if not is_release(p):
+        raise ReleaseError(f"release {release}: its base is the release {b['source']} ({b.get('name')}), which is "
+                           f"not at {p}; keep the releases side by side under releases/ (git checkout)")
+    got = file_sha256(p / MANIFEST)
+    if got != b.get("manifest_sha256"):
+        raise ReleaseError(f"release {release}: its base release {p.name} has manifest sha256 {got[:16]}..., the "
+                           f"manifest says {str(b.get('manifest_sha256'))[:16]}...: the base release was changed; "
+                           f"restore it (git checkout {p})")
+    progress(f"loading the base release {p.name}")
+    return materialize(p, progress=progress)
 
 
 def _trimmed(release: Path, full: Path, voc: dict, progress: Progress) -> Path:
@@ -424,13 +444,11 @@ def pack(model: str | Path, out: str | Path, *, run: str | Path | None = None, c
     LoRA adapter in adapter/). `config`: the YAML that trained it (checked against the run's
     config.json), named in the manifest's commands."""
     model, out = Path(model).resolve(), Path(out)
+    if (model / RL_STATE).is_file():
+        return pack_rl(model, out, run=run, evals=evals, commands=commands, name=name, force=force,
+                       progress=progress)
+    _check_pack_target(model, out, force)
     adapter = model / ADAPTER
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise ReleaseError(f"{model}: no LoRA adapter in adapter/ (adapter_config.json, adapter_model.safetensors); "
-                           f"a release is an adapter: train with train.lora set (train/sft.py writes it there)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ReleaseError(f"--out {out}: exists and is not empty; choose a new release name (a release is never "
-                           f"changed in place) or pass --force")
     trained = _read_json(model / "e2e_reme_trained.json")
     run = Path(run) if run else Path(trained["run"]) if trained and trained.get("run") else None
     if run is not None and not (run / "config.json").is_file() and trained and (model.parent / "config.json").is_file():
@@ -477,6 +495,85 @@ def pack(model: str | Path, out: str | Path, *, run: str | Path | None = None, c
                          "data": (trained or {}).get("data"), "tokens": (trained or {}).get("tokens"),
                          "traces": traces},
             "commands": list(commands) or _default_commands(base, cfg_path, model, out),
+            "environment": environment(), "evaluations": {}, "files": {},
+        }
+        (tmp / CARD).write_text(card(manifest))
+        _write_manifest(tmp, manifest)
+        for d in evals:
+            add_eval(tmp, d, _check=False)
+        _check_size(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_pack_target(model: Path, out: Path, force: bool) -> None:
+    adapter = model / ADAPTER
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise ReleaseError(f"{model}: no LoRA adapter in adapter/ (adapter_config.json, adapter_model.safetensors); "
+                           f"a release is an adapter: train with train.lora set (train/sft.py writes it there)")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ReleaseError(f"--out {out}: exists and is not empty; choose a new release name (a release is never "
+                           f"changed in place) or pass --force")
+
+
+def pack_rl(checkpoint: str | Path, out: str | Path, *, run: str | Path | None = None,
+            evals: Iterable[str | Path] = (), commands: Iterable[str] = (), name: str | None = None,
+            force: bool = False, progress: Progress = lambda s: None) -> Path:
+    """A release from a checkpoint of an RL run (`train/rl.py`) that started from a release:
+    the run's LoRA adapter on that release (base kind "release": the starting release's
+    manifest hash and merged weights hash; it is loaded from beside this one), the run's
+    config, the checkpoint's step and metrics."""
+    cp, out = Path(checkpoint).resolve(), Path(out)
+    run = Path(run).resolve() if run else cp.parent
+    _check_pack_target(cp, out, force)
+    state, run_config = _read_json(cp / RL_STATE), _read_json(run / "config.json")
+    if not state or not run_config or "rollout" not in run_config:
+        raise ReleaseError(f"{cp}: not a checkpoint of an RL run ({RL_STATE} here, the run's config.json in {run}); "
+                           f"pass --run <the run's out directory>")
+    start = Path(run_config["model"])
+    loaded = _read_json(start / LOADED)
+    if not loaded or not loaded.get("release_dir") or not is_release(loaded["release_dir"]):
+        raise ReleaseError(f"RL run {run}: it started from {start}, not from a release here; an RL release is an "
+                           f"adapter on the release it started from (model: releases/<name> in its config)")
+    acfg = json.loads((cp / ADAPTER_CONFIG).read_text())
+    if Path(acfg.get("base_model_name_or_path") or "").resolve() != start.resolve():
+        raise ReleaseError(f"{cp / ADAPTER_CONFIG}: its base is {acfg.get('base_model_name_or_path')}, not the run's "
+                           f"starting model {start}")
+    base_dir = Path(loaded["release_dir"]).resolve()
+    progress(f"hashing the starting release {base_dir.name}")
+    base = {"kind": "release", "source": os.path.relpath(base_dir, out.resolve()), "name": loaded.get("name"),
+            "manifest_sha256": file_sha256(base_dir / MANIFEST), "weights_sha256": weights_sha256(start),
+            "tokenizer_sha256": tokenizer_sha256(start), "vocabulary": None,
+            "terms": (base_dir / TERMS).is_file()}
+    name = name or out.name
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ADAPTER).mkdir(parents=True)
+    try:
+        _write_adapter(cp / ADAPTER, tmp, base, acfg)
+        for f in (TERMS, NOTICE):
+            if (base_dir / f).is_file():
+                shutil.copy2(base_dir / f, tmp / f)
+        commit, dirty = git_commit()
+        manifest = {
+            "format": FORMAT, "name": name, "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "packed_commit": commit, "base": base,
+            "adapter": {k: acfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
+                                                 "layers_to_transform", "peft_type")},
+            "training": {"kind": "rl", "config": run_config, "run": str(run), "step": state["step"],
+                         "step_metrics": state.get("metrics"), "chosen_on": "validation",
+                         "metrics_sha256": file_sha256(run / "metrics.jsonl")
+                         if (run / "metrics.jsonl").is_file() else None},
+            "commands": list(commands) or [
+                "remed train passk --config CONFIG --k 4 --max-cases 1 --split train",
+                "ray job submit --working-dir . -- $PWD/.venv/bin/python train/rl.py --config CONFIG root=$PWD",
+                f"remed train eval --model {cp} --config configs/sft-release.yaml",
+                f"remed release pack --model {cp} --out {out}"],
             "environment": environment(), "evaluations": {}, "files": {},
         }
         (tmp / CARD).write_text(card(manifest))
@@ -589,9 +686,13 @@ def card(m: dict) -> str:
     lines = [f"# {m['name']}", "",
              "A LoRA adapter for the E2E-REME remediation policy: given a diagnosis report, it writes an "
              "Ansible playbook that fixes the incident. Serve it with "
-             f"`remed serve --model releases/{m['name']}` (the base is imported from its package and checked).", ""]
-    if b.get("kind") == "package":
+             f"`remed serve --model releases/{m['name']}` ("
+             + ("its base, the release it was trained from, is loaded from beside it and checked)."
+                if b.get("kind") == "release" else "the base is imported from its package and checked)."), ""]
+    if b.get("kind") == "package" or b.get("terms"):
         lines += ["**Gemma terms apply.** " + GEMMA_NOTICE.replace("\n", " ").strip(), ""]
+    if t.get("kind") == "rl":
+        return "\n".join(lines + _card_rl(m) + _card_evals(m)) + "\n"
     vocab = b.get("vocabulary") or {}
     lines += ["## Base", "",
               f"- {b.get('package') or b.get('source')}{' ' + b['version'] if b.get('version') else ''} "
@@ -607,7 +708,30 @@ def card(m: dict) -> str:
               f"{_counts(data.get('by_level'))}",
               f"- step {t.get('step')}, commit {t.get('commit')}{' (with local changes)' if t.get('dirty') else ''}; "
               f"the config is in manifest.json (training.config), the commands to make it again in its `commands`", "",
-              "## Evaluation", ""]
+              ]
+    return "\n".join(lines + _card_evals(m)) + "\n"
+
+
+def _card_rl(m: dict) -> list[str]:
+    b, t = m["base"], m["training"]
+    cfg = t.get("config") or {}
+    obj, roll = cfg.get("objective") or {}, cfg.get("rollout") or {}
+    faults = (cfg.get("data") or {}).get("faults") or ["every type of the train split"]
+    return ["## Base", "",
+            f"- the release {b.get('name')} (`{b.get('source')}` beside this one; manifest sha256 "
+            f"{str(b.get('manifest_sha256'))[:16]}..., its merged weights sha256 {b['weights_sha256'][:16]}...)", "",
+            "## Training", "",
+            f"- reinforcement fine-tuning ({obj.get('algorithm')}) from that release: the reward is the verifier's "
+            f"verdict on the playbook executed in a sandbox; step {t.get('step')} of run {t.get('run')}, "
+            f"{roll.get('scenarios_per_step')} groups of {roll.get('group_size')} a step, lr "
+            f"{(cfg.get('update') or {}).get('lr')}; training cases of the train split, fault types: "
+            f"{', '.join(faults)}",
+            f"- the checkpoint was chosen on the {t.get('chosen_on')} split; the config is in manifest.json "
+            "(training.config), the commands in its `commands`", ""]
+
+
+def _card_evals(m: dict) -> list[str]:
+    lines = ["## Evaluation", ""]
     evals = m.get("evaluations") or {}
     if not evals:
         lines += [f"Not evaluated yet: `remed train eval --model releases/{m['name']} --config CONFIG --split test "
@@ -622,12 +746,12 @@ def card(m: dict) -> str:
         lines += ["", f"What it fails at ({label}): " + (", ".join(weak) if weak else "no fault type below half") +
                   " (fault types it fixes in fewer than half of the cases; the records are in "
                   f"{e.get('records')}).", ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _counts(d: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in (d or {}).items()) or "-"
 
 
-__all__ = ["ReleaseError", "add_eval", "is_release", "materialize", "model_dir", "pack", "provenance",
+__all__ = ["ReleaseError", "add_eval", "is_release", "materialize", "model_dir", "pack", "pack_rl", "provenance",
            "read_manifest", "tokenizer_sha256", "weights_sha256"]
