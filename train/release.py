@@ -467,12 +467,9 @@ def pack(model: str | Path, out: str | Path, *, run: str | Path | None = None, c
     base, ids = describe_base(base_path)
     progress("hashing the traces the run trained on")
     traces = traces_of(run, run_config)
-    name = name or out.name
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ADAPTER).mkdir(parents=True)
-    try:
-        _write_adapter(adapter, tmp, base, acfg)
+    cfg_path = str(config) if config is not None else str(run / "config.json")
+
+    def fill(tmp: Path) -> dict:
         if ids is not None:
             (tmp / VOCAB).write_bytes(gzip.compress(json.dumps(ids).encode(), mtime=0))
         if base.get("kind") == "package":
@@ -482,20 +479,32 @@ def pack(model: str | Path, out: str | Path, *, run: str | Path | None = None, c
                 raise ReleaseError("the Gemma terms are not where the package keeps them; reinstall the package")
             shutil.copy2(terms, tmp / TERMS)
             (tmp / NOTICE).write_text(GEMMA_NOTICE)
-        commit, dirty = git_commit()
-        cfg_path = str(config) if config is not None else str(run / "config.json")
+        t = trained or {}
+        return {"training": {"config": run_config, "config_file": cfg_path, "run": str(run),
+                             **{k: t.get(k) for k in ("commit", "dirty", "splits", "step", "data", "tokens")},
+                             "traces": traces},
+                "commands": list(commands) or _default_commands(base, cfg_path, model, out)}
+    return _assemble(out, name or out.name, adapter, base, acfg, fill, evals)
+
+
+def _assemble(out: Path, name: str, adapter: Path, base: dict, acfg: dict, fill: Callable[[Path], dict],
+              evals: Iterable[str | Path]) -> Path:
+    """Write a release beside `out` and move it in place: the adapter, what `fill(tmp)` adds
+    (terms, vocabulary) and returns (the manifest's `training` and `commands`), the manifest,
+    the card and the evaluations; nothing is left at `out` if any of it fails."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ADAPTER).mkdir(parents=True)
+    try:
+        _write_adapter(adapter, tmp, base, acfg)
+        extra = fill(tmp)
+        commit, _ = git_commit()
         manifest = {
             "format": FORMAT, "name": name, "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "packed_commit": commit, "base": base,
             "adapter": {k: acfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
                                                  "layers_to_transform", "peft_type")},
-            "training": {"config": run_config, "config_file": cfg_path, "run": str(run),
-                         "commit": (trained or {}).get("commit"), "dirty": (trained or {}).get("dirty"),
-                         "splits": (trained or {}).get("splits"), "step": (trained or {}).get("step"),
-                         "data": (trained or {}).get("data"), "tokens": (trained or {}).get("tokens"),
-                         "traces": traces},
-            "commands": list(commands) or _default_commands(base, cfg_path, model, out),
-            "environment": environment(), "evaluations": {}, "files": {},
+            **extra, "environment": environment(), "evaluations": {}, "files": {},
         }
         (tmp / CARD).write_text(card(manifest))
         _write_manifest(tmp, manifest)
@@ -550,44 +559,21 @@ def pack_rl(checkpoint: str | Path, out: str | Path, *, run: str | Path | None =
             "manifest_sha256": file_sha256(base_dir / MANIFEST), "weights_sha256": weights_sha256(start),
             "tokenizer_sha256": tokenizer_sha256(start), "vocabulary": None,
             "terms": (base_dir / TERMS).is_file()}
-    name = name or out.name
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ADAPTER).mkdir(parents=True)
-    try:
-        _write_adapter(cp / ADAPTER, tmp, base, acfg)
+
+    def fill(tmp: Path) -> dict:
         for f in (TERMS, NOTICE):
             if (base_dir / f).is_file():
                 shutil.copy2(base_dir / f, tmp / f)
-        commit, dirty = git_commit()
-        manifest = {
-            "format": FORMAT, "name": name, "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "packed_commit": commit, "base": base,
-            "adapter": {k: acfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
-                                                 "layers_to_transform", "peft_type")},
-            "training": {"kind": "rl", "config": run_config, "run": str(run), "step": state["step"],
-                         "step_metrics": state.get("metrics"), "chosen_on": "validation",
-                         "metrics_sha256": file_sha256(run / "metrics.jsonl")
-                         if (run / "metrics.jsonl").is_file() else None},
-            "commands": list(commands) or [
-                "remed train passk --config CONFIG --k 4 --max-cases 1 --split train",
-                "ray job submit --working-dir . -- $PWD/.venv/bin/python train/rl.py --config CONFIG root=$PWD",
-                f"remed train eval --model {cp} --config configs/sft-release.yaml",
-                f"remed release pack --model {cp} --out {out}"],
-            "environment": environment(), "evaluations": {}, "files": {},
-        }
-        (tmp / CARD).write_text(card(manifest))
-        _write_manifest(tmp, manifest)
-        for d in evals:
-            add_eval(tmp, d, _check=False)
-        _check_size(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        metrics = run / "metrics.jsonl"
+        return {"training": {"kind": "rl", "config": run_config, "run": str(run), "step": state["step"],
+                             "step_metrics": state.get("metrics"), "chosen_on": "validation",
+                             "metrics_sha256": file_sha256(metrics) if metrics.is_file() else None},
+                "commands": list(commands) or [
+                    "remed train passk --config CONFIG --k 4 --max-cases 1 --split train",
+                    "ray job submit --working-dir . -- $PWD/.venv/bin/python train/rl.py --config CONFIG root=$PWD",
+                    f"remed train eval --model {cp} --config configs/sft-release.yaml",
+                    f"remed release pack --model {cp} --out {out}"]}
+    return _assemble(out, name or out.name, cp / ADAPTER, base, acfg, fill, evals)
 
 
 def _read_json(p: Path) -> dict | None:

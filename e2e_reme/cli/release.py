@@ -16,7 +16,9 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("pack")
 def pack(model: Path = typer.Option(..., "--model", help="The SFT output to release: <run>/model (or a checkpoint "
-                                                         "of the run, with --run), trained with LoRA."),
+                                                         "of the run, with --run), trained with LoRA; or a "
+                                                         "checkpoint of an RL run that started from a release "
+                                                         "(<out>/checkpoint_<N>)."),
          out: Path = typer.Option(..., "--out", help="The release directory, releases/<name>."),
          config_file: Path = typer.Option(None, "--config", help="The YAML that trained it (checked against the "
                                                                 "run's config.json; the manifest's commands name it)."),
@@ -26,7 +28,8 @@ def pack(model: Path = typer.Option(..., "--model", help="The SFT output to rele
          command: list[str] = typer.Option(None, "--command", help="A command that makes the release again "
                                                                   "(repeat; default: import, collect, sft, pack)."),
          force: bool = typer.Option(False, "--force", help="Replace an existing release directory.")) -> None:
-    """Pack an SFT output as a release: adapter + manifest (base, hashes, config, traces, commit, evaluations)."""
+    """Pack an SFT output (or an RL checkpoint) as a release: adapter + manifest (base, hashes, config, traces or
+    run, commit, evaluations)."""
     from e2e_reme.train.release import pack as do_pack, read_manifest
     with console.status("packing") as status:
         path = do_pack(model, out, run=run, config=config_file, evals=evals or (), commands=command or (),
