@@ -445,7 +445,7 @@ def pack(model: str | Path, out: str | Path, *, run: str | Path | None = None, c
     config.json), named in the manifest's commands."""
     model, out = Path(model).resolve(), Path(out)
     if (model / RL_STATE).is_file():
-        return pack_rl(model, out, run=run, evals=evals, commands=commands, name=name, force=force,
+        return pack_rl(model, out, run=run, config=config, evals=evals, commands=commands, name=name, force=force,
                        progress=progress)
     _check_pack_target(model, out, force)
     adapter = model / ADAPTER
@@ -531,12 +531,13 @@ def _check_pack_target(model: Path, out: Path, force: bool) -> None:
 
 
 def pack_rl(checkpoint: str | Path, out: str | Path, *, run: str | Path | None = None,
-            evals: Iterable[str | Path] = (), commands: Iterable[str] = (), name: str | None = None,
-            force: bool = False, progress: Progress = lambda s: None) -> Path:
+            config: str | Path | None = None, evals: Iterable[str | Path] = (), commands: Iterable[str] = (),
+            name: str | None = None, force: bool = False, progress: Progress = lambda s: None) -> Path:
     """A release from a checkpoint of an RL run (`train/rl.py`) that started from a release:
     the run's LoRA adapter on that release (base kind "release": the starting release's
     manifest hash and merged weights hash; it is loaded from beside this one), the run's
-    config, the checkpoint's step and metrics."""
+    config, the checkpoint's step and metrics. `config`: the YAML the run was started with,
+    named in the manifest and its commands."""
     cp, out = Path(checkpoint).resolve(), Path(out)
     run = Path(run).resolve() if run else cp.parent
     _check_pack_target(cp, out, force)
@@ -565,14 +566,16 @@ def pack_rl(checkpoint: str | Path, out: str | Path, *, run: str | Path | None =
             if (base_dir / f).is_file():
                 shutil.copy2(base_dir / f, tmp / f)
         metrics = run / "metrics.jsonl"
-        return {"training": {"kind": "rl", "config": run_config, "run": str(run), "step": state["step"],
+        cfg = str(config) if config is not None else "CONFIG"
+        return {"training": {"kind": "rl", "config": run_config, "config_file": str(config) if config else None,
+                             "run": str(run), "step": state["step"],
                              "step_metrics": state.get("metrics"), "chosen_on": "validation",
                              "metrics_sha256": file_sha256(metrics) if metrics.is_file() else None},
                 "commands": list(commands) or [
-                    "remed train passk --config CONFIG --k 4 --max-cases 1 --split train",
-                    "ray job submit --working-dir . -- $PWD/.venv/bin/python train/rl.py --config CONFIG root=$PWD",
+                    f"remed train passk --config {cfg} --k 4 --max-cases 1 --split train",
+                    f"ray job submit --working-dir . -- $PWD/.venv/bin/python train/rl.py --config {cfg} root=$PWD",
                     f"remed train eval --model {cp} --config configs/sft-release.yaml",
-                    f"remed release pack --model {cp} --out {out}"]}
+                    f"remed release pack --model {cp} --config {cfg} --out {out}"]}
     return _assemble(out, name or out.name, cp / ADAPTER, base, acfg, fill, evals)
 
 

@@ -291,9 +291,9 @@ class _Log:
 def run(config: RLConfig, say=print, on_step=None) -> dict:
     """Train (or resume) for `config.steps` steps; return the run's summary. `say` gets
     log lines, `on_step` each step's metrics (a progress display)."""
-    from e2e_reme.cluster import Fleet, Judge
+    from e2e_reme.cluster import Judge
     from .rl_config import check_generation_limit
-    from .rl_workers import Rollout, Trainer, check_resources
+    from .rl_workers import Rollout, Trainer
 
     config = config.absolute()
     if not Path(config.model).is_dir():
@@ -310,8 +310,7 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     say(f"rl: {len(cases)} training cases (longest expert answer {longest} tokens), {config.objective.algorithm}, "
         f"from step {step} of {config.steps} ({'checkpoint ' + last.name if last else 'the starting model'})")
     log = _Log(out)
-    with ray_session(config), Fleet(config.fleet).start(progress=say) as fleet:
-        check_resources(config)
+    with ray_session(config), _judging_fleet(config, say) as fleet:
         judge = Judge(fleet, policy="rl")
         trainer = Trainer(config, source, out)
         rollout = Rollout(config, out)
@@ -353,6 +352,15 @@ def run(config: RLConfig, say=print, on_step=None) -> dict:
     summary = {"steps": step, "checkpoint": str(source), "metrics": str(log.path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _judging_fleet(config: RLConfig, say):
+    """The judge's fleet, started once the cluster is known to hold the run's two actors: a
+    run that could never start brings no sandbox up."""
+    from e2e_reme.cluster import Fleet
+    from .rl_workers import check_resources
+    check_resources(config)
+    return Fleet(config.fleet).start(progress=say)
 
 
 def _sync(rollout, trainer, checkpoint: Path, say) -> None:
